@@ -1,0 +1,1 @@
+"""The ``zoompipe`` command line: thin click wrappers over the library."""

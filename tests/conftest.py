@@ -1,0 +1,27 @@
+"""Shared fixtures: slides the tests write themselves, and the real CMU slide when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CMU_SLIDE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "CMU-1-Small-Region.svs"
+
+
+@pytest.fixture(scope="session")
+def cmu_slide() -> Path:
+    """The community's standard small Aperio slide (2220 x 2967 px, 0.499 mpp, 20x)."""
+    if not CMU_SLIDE.exists():
+        pytest.skip("CMU-1-Small-Region.svs is not beside the repository (../shared/data)")
+    return CMU_SLIDE
+
+
+def random_rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Smooth random colours: lossless codecs keep them exactly, area averages stay non-trivial."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
