@@ -24,3 +24,11 @@ class CheckpointError(ZoompipeError):
 
 class FeatureFileError(ZoompipeError):
     """A feature file is missing, incomplete or not in a layout zoompipe reads."""
+
+
+class MaskError(ZoompipeError):
+    """Tissue parameters or a user-supplied mask file are invalid."""
+
+
+class GridError(ZoompipeError, ValueError):
+    """Magnifications or grid arguments that cannot make nested patch grids."""
