@@ -16,6 +16,7 @@ from zoompipe import __version__
 from zoompipe.errors import ZoompipeError
 
 from .info import info_command
+from .preprocess import preprocess_command
 from .synth import synth_command
 
 
@@ -44,8 +45,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
 
 
-cli.add_command(info_command)
-cli.add_command(synth_command)
+for command in (info_command, synth_command, preprocess_command):
+    cli.add_command(command)
 
 
 def main() -> None:

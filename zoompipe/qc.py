@@ -24,6 +24,15 @@ GRID_RGB = ((30, 60, 230), (255, 140, 0), (210, 0, 210), (0, 170, 200))
 _SHIFT = 4  # fractional bits of the vertices handed to OpenCV's drawing functions
 
 
+def overview_mpp(slide_mpp: float, dimensions: tuple[int, int], max_side: int = 2048) -> float:
+    """Resolution at which a whole slide fits in ``max_side`` pixels, never finer than 1 um/px.
+
+    QC images and heatmaps are drawn at it: fine enough to see 10x patches on a small slide,
+    bounded in memory on a large one.
+    """
+    return max(slide_mpp * max(dimensions) / max_side, 1.0)
+
+
 def tissue_geojson(mask: TissueMask) -> dict:
     """The tissue of a mask as a GeoJSON FeatureCollection in level-0 pixels.
 

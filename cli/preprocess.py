@@ -1,0 +1,56 @@
+"""``zoompipe preprocess``: slides to feature files, masks and GeoJSON."""
+
+from __future__ import annotations
+
+import click
+
+from zoompipe.encoders import DEFAULT_ENCODER, list_encoders
+from zoompipe.preprocess import PreprocessConfig, preprocess_slides
+from zoompipe.tissue import PRESETS, get_params
+
+from .options import parse_magnifications
+
+
+@click.command("preprocess")
+@click.argument("slides", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--magnifications", default="1.25,2.5,10", callback=parse_magnifications,
+              help="Cascade, base first, integer ratios; '1.25' alone for a single scale.")
+@click.option("--patch-size", type=int, default=256, help="Patch side in pixels at every magnification.")
+@click.option("--min-tissue", type=float, default=0.1, help="Tissue fraction a base patch needs.")
+@click.option("--tissue-preset", type=click.Choice(sorted(PRESETS)), default="default",
+              help="Tissue segmentation preset.")
+@click.option("--mask-mpp", type=float, default=None, help="Resolution of the tissue mask [default: preset's].")
+@click.option("--encoder", default=DEFAULT_ENCODER, help=f"Patch encoder: {', '.join(list_encoders())}, timm:<name>.")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Encoder weights file (safetensors or torch).")
+@click.option("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+              help="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32.")
+@click.option("--batch-size", type=int, default=32, help="Patches per encoder batch.")
+@click.option("--workers", type=int, default=2, help="Patch reader threads.")
+@click.option("--backend", type=click.Choice(["auto", "openslide", "tiffslide"]), default="auto", help="Slide library.")
+@click.option("--mpp", type=float, default=None, help="Level-0 microns per pixel for slides that lack it.")
+@click.option("--mpp-csv", type=click.Path(dir_okay=False), default=None, help="CSV slide_id,mpp of per-slide overrides.")
+@click.option("--overwrite", is_flag=True, help="Redo slides whose outputs exist.")
+def preprocess_command(slides, out_dir, magnifications, patch_size, min_tissue, tissue_preset, mask_mpp, encoder,
+                       weights, device, precision, batch_size, workers, backend, mpp, mpp_csv, overwrite) -> None:
+    """Segment tissue, tile every magnification of the cascade and embed every patch.
+
+    SLIDES are slide files, folders (searched recursively) or CSVs with a slide_path column.
+    Writes OUT/features/<slide_id>.h5, OUT/masks/<slide_id>.png, OUT/geojson/<slide_id>.geojson
+    and OUT/status.csv. Finished slides are skipped; a failing slide is recorded and the run goes
+    on; the exit status is 1 when any slide failed.
+    """
+    overrides = {"mask_mpp": mask_mpp} if mask_mpp else {}
+    config = PreprocessConfig(
+        magnifications=magnifications, patch_size=patch_size, min_tissue=min_tissue,
+        tissue=get_params(tissue_preset, **overrides), encoder=encoder, weights=weights, device=device,
+        precision=precision, batch_size=batch_size, workers=workers, backend=backend, mpp=mpp, mpp_csv=mpp_csv)
+    results = preprocess_slides(slides, out_dir, config, overwrite=overwrite)
+    for row in results:
+        detail = row.error if row.status == "failed" else row.patches
+        click.echo(f"{row.status:8s} {row.slide_id}  {detail}", err=row.status == "failed")
+    failed = sum(r.status == "failed" for r in results)
+    click.echo(f"{len(results) - failed} of {len(results)} slides done, {failed} failed; see {out_dir}/status.csv")
+    if failed:
+        raise SystemExit(1)
