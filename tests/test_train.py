@@ -1,0 +1,271 @@
+"""Feature files, splits, metrics, and training and evaluation end to end (library and CLI)."""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from zoompipe.cli.evaluate import evaluate_command
+from zoompipe.cli.train import train_command
+from zoompipe.dataset import (
+    SlideDataset,
+    make_splits,
+    read_bags,
+    read_labels,
+    read_pipeline_metadata,
+    read_splits,
+)
+from zoompipe.errors import FeatureFileError
+from zoompipe.evaluate import evaluate_run
+from zoompipe.features import write_feature_file as write_preprocessed
+from zoompipe.grid import PatchGrid, child_grid
+from zoompipe.metrics import classification_metrics
+from zoompipe.model import load_run
+from zoompipe.train import train_model
+
+MAGS = [1.25, 2.5, 10.0]
+LEVEL0_MPP = 0.25
+PATCH = 256
+DIM = 16
+TISSUE = {"saturation_threshold": 20, "median_blur": 7}
+
+
+def write_feature_file(
+    path: Path, label: int, seed: int, n_base: int = 6, drop: float = 0.0
+) -> list[dict[str, np.ndarray]]:
+    """Write a zoompipe feature file with plain h5py, in preprocess's layout; return its groups.
+
+    Base patches sit on a coarse lattice; each patch's children tile it at the next
+    magnification. Rows of every group are shuffled (only ``parent`` links them), and a
+    fraction ``drop`` of the 10x patches is left out, as background children would be. The
+    class shows as a shift of feature 0 at every magnification.
+    """
+    rng = np.random.default_rng(seed)
+    cells = rng.choice(64, size=n_base, replace=False)
+    side = PATCH * 10 / MAGS[0] / LEVEL0_MPP
+    coords = [np.stack([cells % 8, cells // 8], axis=1) * side]
+    parents = [np.full(n_base, -1)]
+    for low, high in zip(MAGS, MAGS[1:]):
+        r = round(high / low)
+        offsets = np.stack(np.meshgrid(np.arange(r), np.arange(r)), -1).reshape(-1, 2)
+        step = PATCH * 10 / high / LEVEL0_MPP
+        coords.append((coords[-1][:, None, :] + offsets[None] * step).reshape(-1, 2))
+        parents.append(np.repeat(np.arange(len(coords[-2])), r * r))
+    if drop:
+        keep = rng.random(len(coords[-1])) >= drop
+        coords[-1], parents[-1] = coords[-1][keep], parents[-1][keep]
+    groups = []
+    new_row_of_prev = None
+    for xy, parent in zip(coords, parents):
+        order = rng.permutation(len(xy))  # shuffled rows: only `parent` links the groups
+        parent = parent[order] if new_row_of_prev is None else new_row_of_prev[parent[order]]
+        new_row_of_prev = np.argsort(order)
+        features = rng.normal(size=(len(xy), DIM)).astype(np.float32)
+        features[:, 0] += 1.5 * label
+        groups.append({"coords": xy[order].astype(np.int64), "features": features, "parent": parent})
+    with h5py.File(path, "w") as f:
+        f.attrs.update(slide_id=path.stem, encoder="toy", feature_dim=DIM, magnifications=MAGS,
+                       patch_size=PATCH, tissue=json.dumps(TISSUE))
+        for m, g in zip(MAGS, groups):
+            group = f.create_group(f"{m:g}x")
+            side = PATCH * 10 / m / LEVEL0_MPP
+            for key in ("coords", "features", "parent"):
+                group.create_dataset(key, data=g[key])
+            group.create_dataset("cells", data=g["coords"] // round(side))
+            group.create_dataset("tissue", data=np.ones(len(g["coords"]), np.float32))
+            group.attrs.update(magnification=m, mpp=10 / m, patch_size=PATCH, patch_size_level0=side)
+    return groups
+
+
+def _sorted_by_yx(xy: np.ndarray) -> bool:
+    return bool(np.all(np.diff(xy[:, 1] * 10**9 + xy[:, 0]) > 0))
+
+
+def test_children_index_follows_parent_column_not_row_order(tmp_path: Path) -> None:
+    path = tmp_path / "s.h5"
+    groups = write_feature_file(path, label=1, seed=0)
+    bags, children, coords = read_bags(path, MAGS)
+    assert [b.shape for b in bags] == [(6, DIM), (24, DIM), (384, DIM)]
+    assert [c.shape for c in children] == [(6, 4), (24, 16)]
+    for i, index in enumerate(children):
+        torch.testing.assert_close(bags[i], torch.from_numpy(groups[i]["features"]))
+        for p, rows in enumerate(index.numpy()):
+            assert np.all(groups[i + 1]["parent"][rows] == p)
+            assert _sorted_by_yx(coords[i + 1][rows])
+
+
+def test_subsets_of_magnifications_and_padding(tmp_path: Path) -> None:
+    path = tmp_path / "s.h5"
+    groups = write_feature_file(path, label=0, seed=1, drop=0.25)
+    bags, children, coords = read_bags(path, [1.25, 10.0])
+    assert children[0].shape == (6, 64)
+    n_10x = len(groups[2]["parent"])
+    assert int((children[0] >= 0).sum()) == n_10x and int((children[0] < 0).sum()) == 384 - n_10x
+    for p, rows in enumerate(children[0].numpy()):
+        rows = rows[rows >= 0]
+        assert np.all(groups[1]["parent"][groups[2]["parent"][rows]] == p)
+        assert _sorted_by_yx(coords[1][rows])
+    # A single magnification above the base is the whole group: ABMIL at 10x.
+    bags, children, _ = read_bags(path, [10.0])
+    assert bags[0].shape == (n_10x, DIM) and children == []
+
+
+def test_clam_layout_and_bad_files(tmp_path: Path) -> None:
+    clam = tmp_path / "clam.h5"
+    with h5py.File(clam, "w") as f:
+        f.create_dataset("coords", data=np.zeros((5, 2), np.int64))
+        f.create_dataset("features", data=np.ones((5, DIM), np.float32))
+        f.attrs["magnification"] = 20.0
+    bags, children, _ = read_bags(clam, [20.0])
+    assert bags[0].shape == (5, DIM) and children == []
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5 at all")
+    write_feature_file(tmp_path / "s.h5", label=0, seed=2)
+    bad = [(clam, [1.25, 2.5]), (tmp_path / "junk.h5", MAGS),
+           (tmp_path / "missing.h5", MAGS), (tmp_path / "s.h5", [1.25, 5.0])]
+    for path, mags in bad:
+        with pytest.raises(FeatureFileError) as info:
+            read_bags(path, mags)
+        assert "\n" not in str(info.value)
+
+
+def test_pipeline_metadata_copies_the_file_attributes(tmp_path: Path) -> None:
+    write_feature_file(tmp_path / "s.h5", label=0, seed=3)
+    meta = read_pipeline_metadata(tmp_path / "s.h5", MAGS)
+    assert meta == {"magnifications": MAGS, "encoder": {"name": "toy", "feature_dim": DIM},
+                    "patch_size": PATCH, "tissue": TISSUE, "mpp": [8.0, 4.0, 1.0], "grid_magnifications": MAGS}
+    # A model on one magnification of the cascade still records the whole cascade for predict.
+    assert read_pipeline_metadata(tmp_path / "s.h5", [10.0])["grid_magnifications"] == MAGS
+
+
+def test_stratified_folds_test_every_slide_once() -> None:
+    labels = {f"s{i:02d}": "ab"[i % 3 == 0] for i in range(30)}
+    folds = [make_splits(labels, n_folds=5, fold=f, seed=7) for f in range(5)]
+    assert folds[0] == make_splits(labels, n_folds=5, fold=0, seed=7)
+    tested = [s for split in folds for s, name in split.items() if name == "test"]
+    assert sorted(tested) == sorted(labels)
+    for split in folds:
+        test = [labels[s] for s, name in split.items() if name == "test"]
+        assert sorted(test) == ["a"] * 4 + ["b"] * 2  # classes in proportion
+
+
+def test_metrics() -> None:
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    probs = np.eye(3)[[0, 1, 1, 1, 2, 0]] * 0.7 + 0.1
+    metrics = classification_metrics(labels, probs)
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
+    assert metrics["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert 0 < metrics["auc"] < 1 and 0 < metrics["weighted_f1"] < 1
+    assert classification_metrics(np.array([1, 1]), np.array([[0.2, 0.8], [0.6, 0.4]]))["auc"] is None
+    json.dumps(metrics)
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("features")
+    labels = root / "labels.csv"
+    rows = [(f"slide{i:02d}", ["benign", "tumour"][i % 2]) for i in range(20)]
+    for i, (slide_id, label) in enumerate(rows):
+        write_feature_file(root / f"{slide_id}.h5", label=["benign", "tumour"].index(label), seed=i,
+                           drop=0.1)
+    with open(labels, "w", newline="") as f:
+        csv.writer(f).writerows([("slide_id", "label"), *rows])
+    return root, labels
+
+
+def test_train_and_evaluate_with_the_library(features, tmp_path: Path) -> None:
+    features_dir, labels = features
+    run = tmp_path / "run"
+    summary = train_model(features_dir, labels, run, k=2, epochs=3, lr=1e-3, seed=1, progress=False)
+    assert summary["n_train"] + summary["n_val"] + summary["n_test"] == 20
+    assert 1 <= summary["best_epoch"] <= summary["epochs_run"] == 3
+    assert {"model.safetensors", "config.json", "splits.csv", "log.csv",
+            "train_summary.json"} <= {p.name for p in run.iterdir()}
+    with open(run / "log.csv") as f:
+        log = list(csv.DictReader(f))
+    assert [row["epoch"] for row in log] == ["1", "2", "3"]
+    assert list(log[0]) == ["epoch", "train_loss", "val_loss", "val_acc", "val_f1", "lr"]
+
+    model, config = load_run(run)
+    assert model.config.magnifications == MAGS and model.config.k == 2
+    assert config["class_names"] == ["benign", "tumour"]
+    assert config["encoder"] == {"name": "toy", "feature_dim": DIM}
+    assert config["mpp"] == [8.0, 4.0, 1.0] and config["tissue"] == TISSUE
+
+    metrics = evaluate_run(run, features_dir, labels, tmp_path / "eval", split="test")
+    assert metrics["n_slides"] == summary["n_test"]
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == metrics
+
+
+def test_train_and_evaluate_commands(features, tmp_path: Path) -> None:
+    features_dir, labels = features
+    splits = tmp_path / "splits.csv"
+    names = {f"slide{i:02d}": "train" if i < 12 else "val" if i < 16 else "test" for i in range(20)}
+    with open(splits, "w", newline="") as f:
+        csv.writer(f).writerows([("slide_id", "split"), *names.items()])
+    run = tmp_path / "run"
+    runner = CliRunner()
+    result = runner.invoke(train_command, [
+        "--features", str(features_dir), "--labels", str(labels), "--out", str(run),
+        "--splits", str(splits), "--magnifications", "1.25,2.5", "--k", "3", "--epochs", "2",
+        "--lr", "1e-3", "--patience", "5"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["n_train"] == 12
+    assert read_splits(run / "splits.csv") == names
+
+    out = tmp_path / "eval"
+    result = runner.invoke(evaluate_command, [
+        "--model", str(run), "--features", str(features_dir), "--labels", str(labels),
+        "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    with open(out / "predictions.csv") as f:
+        predictions = list(csv.DictReader(f))
+    truth = read_labels(labels)
+    assert len(predictions) == metrics["n_slides"] == 20
+    assert list(predictions[0]) == ["slide_id", "label", "pred", "p_benign", "p_tumour"]
+    assert all(row["label"] == truth[row["slide_id"]] for row in predictions)
+    accuracy = np.mean([row["label"] == row["pred"] for row in predictions])
+    assert metrics["accuracy"] == pytest.approx(accuracy)
+    assert np.allclose([float(r["p_benign"]) + float(r["p_tumour"]) for r in predictions], 1, atol=1e-5)
+    assert np.array(metrics["confusion_matrix"]).sum() == 20
+
+
+def test_dataset_rejects_missing_files_and_other_encoders(features, tmp_path: Path) -> None:
+    features_dir, _ = features
+    with pytest.raises(FeatureFileError, match="1 of 2 feature files are missing"):
+        SlideDataset(features_dir, ["slide00", "nope"], [0, 0], MAGS)
+    dataset = SlideDataset(features_dir, ["slide00"], [0], MAGS, feature_dim=DIM + 1)
+    with pytest.raises(FeatureFileError, match="same encoder"):
+        dataset[0]
+
+
+def test_reads_files_written_by_preprocess(tmp_path: Path) -> None:
+    cells = np.array([[0, 0], [3, 1], [2, 5]])
+    side = PATCH * 10 / MAGS[0] / LEVEL0_MPP
+    grids = [PatchGrid(magnification=MAGS[0], mpp=10 / MAGS[0], patch_size=PATCH, patch_size_level0=side,
+                       cells=cells, coords=cells * int(side), tissue=np.ones(3, np.float32),
+                       parent=np.full(3, -1))]
+    for m in MAGS[1:]:
+        grids.append(child_grid(grids[-1], m))
+    # Keep only some 10x patches, in reverse order, so that neither completeness nor row order
+    # can be relied on.
+    keep = np.arange(len(grids[2]))[::-3]
+    grids[2] = replace(grids[2], cells=grids[2].cells[keep], coords=grids[2].coords[keep],
+                       tissue=grids[2].tissue[keep], parent=grids[2].parent[keep])
+    features = [np.random.default_rng(0).normal(size=(len(g), DIM)).astype(np.float32) for g in grids]
+    write_preprocessed(tmp_path / "p.h5", {"slide_id": "p", "encoder": "toy", "feature_dim": DIM,
+                                           "patch_size": PATCH, "tissue": TISSUE}, grids, features)
+    bags, children, coords = read_bags(tmp_path / "p.h5", MAGS)
+    assert [len(b) for b in bags] == [3, 12, len(keep)]
+    assert int((children[1] >= 0).sum()) == len(keep)
+    for p, rows in enumerate(children[1].numpy()):
+        rows = rows[rows >= 0]
+        assert np.all(grids[2].parent[rows] == p) and _sorted_by_yx(coords[2][rows])
+    assert read_pipeline_metadata(tmp_path / "p.h5", [2.5])["mpp"] == [4.0]

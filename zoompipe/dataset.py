@@ -1,0 +1,303 @@
+"""Feature bags for training and evaluation, slide labels and train/val/test splits.
+
+Feature files are read with :func:`zoompipe.features.read_feature_file` (zoompipe's layout,
+one group per magnification, or CLAM/TRIDENT's as one magnification); the parent -> children
+index comes from :func:`zoompipe.grid.children_index`, built from the ``parent`` rows and the
+lattice cells, never from the order of rows.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from zoompipe.errors import FeatureFileError, GridError, ZoompipeError
+from zoompipe.features import read_feature_file
+from zoompipe.grid import children_index
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def feature_path(features_dir: str | os.PathLike, slide_id: str) -> Path:
+    """Path of a slide's feature file."""
+    return Path(features_dir) / f"{slide_id}.h5"
+
+
+def read_bags(
+    path: str | os.PathLike, magnifications: Sequence[float]
+) -> tuple[list[Tensor], list[Tensor], list[np.ndarray]]:
+    """Read a slide's feature bags at the given magnifications.
+
+    Parameters
+    ----------
+    path : path
+        Feature file.
+    magnifications : sequence of float
+        Ascending magnifications to read; a subset of the file's, e.g. ``[1.25, 10]`` from a
+        1.25x -> 2.5x -> 10x file, or ``[10]`` alone (all 10x rows: ABMIL at 10x). A file in
+        the CLAM/TRIDENT layout only feeds a single magnification.
+
+    Returns
+    -------
+    bags : list of Tensor
+        Per magnification, float32 features (N_i, D).
+    children : list of Tensor
+        Per magnification but the last, LongTensor (N_i, r_i * r_i), r_i = m_{i+1} / m_i: the
+        rows of each patch's descendants at the next requested magnification in raster order
+        of their cells, -1 where the file has no such patch.
+    coords : list of ndarray
+        Per magnification, int64 level-0 top-left corners (N_i, 2) as (x, y).
+
+    Raises
+    ------
+    FeatureFileError
+        If the file is missing, unreadable, lacks a magnification or is inconsistent.
+    """
+    path = Path(path)
+    mags = [float(m) for m in magnifications]
+    data = read_feature_file(path, mags)
+    if len(data.grids) != len(mags):
+        raise FeatureFileError(
+            f"{path} holds a single magnification (CLAM/TRIDENT layout) and cannot feed a "
+            f"model with magnifications {', '.join(f'{m:g}x' for m in mags)}"
+        )
+    bags = [torch.from_numpy(np.asarray(f, dtype=np.float32)) for f in data.features]
+    if len({b.shape[1] for b in bags}) > 1:
+        raise FeatureFileError(f"{path} mixes feature dimensions across magnifications")
+    available = [float(m) for m in data.attrs.get("magnifications", mags)]
+    children = []
+    for low, high in zip(data.grids, data.grids[1:]):
+        between = [m for m in available if low.magnification < m < high.magnification]
+        if between:
+            # Skipped magnifications: follow the parent rows through them to `low`.
+            ancestor = high.parent
+            for grid in reversed(read_feature_file(path, between, load_features=False).grids):
+                ancestor = np.where(ancestor >= 0, grid.parent[ancestor.clip(min=0)], -1)
+            high = replace(high, parent=ancestor)
+        try:
+            children.append(torch.from_numpy(children_index(low, high)))
+        except GridError as err:
+            raise FeatureFileError(f"{path}: {err}") from None
+    return bags, children, [g.coords for g in data.grids]
+
+
+def file_magnifications(path: str | os.PathLike) -> list[float]:
+    """Magnifications stored in a feature file, in cascade order.
+
+    Raises
+    ------
+    FeatureFileError
+        If the file cannot be read, or is in the CLAM/TRIDENT layout and does not record its
+        magnification.
+    """
+    return read_feature_file(path, load_features=False).magnifications
+
+
+def read_pipeline_metadata(path: str | os.PathLike, magnifications: Sequence[float]) -> dict:
+    """Preprocessing settings recorded in a feature file, for a run's ``config.json``.
+
+    Returns
+    -------
+    dict
+        ``magnifications``, ``mpp`` (one per magnification), ``patch_size`` and
+        ``grid_magnifications`` (the file's whole cascade, base first: the predictor rebuilds the
+        same patches from its base grid, e.g. the 10x children of 1.25x tissue patches) always;
+        ``encoder`` (``name``, ``feature_dim``, ``precision``), ``min_tissue`` and ``tissue``
+        (tissue segmentation parameters) where the file records them. Plain JSON types.
+    """
+    mags = [float(m) for m in magnifications]
+    data = read_feature_file(path, mags, load_features=False)
+    attrs = data.attrs
+    meta: dict[str, Any] = {
+        "magnifications": mags,
+        "mpp": [float(g.mpp) for g in data.grids],
+        "patch_size": int(data.grids[0].patch_size),
+        "grid_magnifications": [float(m) for m in attrs.get("magnifications", mags)],
+    }
+    encoder = {
+        key: cast(attrs[attr])
+        for key, attr, cast in (
+            ("name", "encoder", str),
+            ("feature_dim", "feature_dim", int),
+            ("precision", "encoder_precision", str),
+        )
+        if attr in attrs
+    }
+    if encoder:
+        meta["encoder"] = encoder
+    if "min_tissue" in attrs:
+        meta["min_tissue"] = float(attrs["min_tissue"])
+    if isinstance(attrs.get("tissue"), dict):
+        meta["tissue"] = attrs["tissue"]
+    return meta
+
+
+def read_labels(path: str | os.PathLike) -> dict[str, str]:
+    """Read a labels CSV with columns ``slide_id,label``.
+
+    Returns
+    -------
+    dict
+        Slide id to class name, in file order.
+    """
+    rows = _read_csv(path, ("slide_id", "label"))
+    labels: dict[str, str] = {}
+    for row in rows:
+        slide_id, label = row["slide_id"].strip(), row["label"].strip()
+        if labels.get(slide_id, label) != label:
+            raise ZoompipeError(f"{path}: slide {slide_id} has two labels")
+        labels[slide_id] = label
+    return labels
+
+
+def read_splits(path: str | os.PathLike) -> dict[str, str]:
+    """Read a splits CSV with columns ``slide_id,split``, split one of train, val, test."""
+    splits = {}
+    for row in _read_csv(path, ("slide_id", "split")):
+        split = row["split"].strip()
+        if split not in SPLIT_NAMES:
+            raise ZoompipeError(
+                f"{path}: split '{split}' of slide {row['slide_id']} is not one of "
+                f"{', '.join(SPLIT_NAMES)}"
+            )
+        splits[row["slide_id"].strip()] = split
+    return splits
+
+
+def make_splits(
+    labels: dict[str, str], n_folds: int = 5, fold: int = 0, seed: int = 0
+) -> dict[str, str]:
+    """Seeded stratified k-fold split.
+
+    Each class's slides are shuffled and dealt into ``n_folds`` folds; fold ``fold`` is the
+    test set, fold ``fold + 1`` (cyclically) the validation set and the rest the training set.
+    With 5 folds that is 60/20/20, and the 5 choices of ``fold`` test every slide once.
+
+    Parameters
+    ----------
+    labels : dict
+        Slide id to class name.
+    n_folds : int
+        Number of folds, at least 3.
+    fold : int
+        Test fold, in ``range(n_folds)``.
+    seed : int
+        Seed of the shuffle.
+
+    Returns
+    -------
+    dict
+        Slide id to split name.
+    """
+    if n_folds < 3 or not 0 <= fold < n_folds:
+        raise ZoompipeError(f"need n_folds >= 3 and 0 <= fold < n_folds, got {n_folds}, {fold}")
+    rng = np.random.default_rng(seed)
+    role = {fold: "test", (fold + 1) % n_folds: "val"}
+    splits = {}
+    dealt = 0  # continue dealing across classes so that fold sizes stay balanced
+    for name in sorted(set(labels.values())):
+        ids = sorted(s for s, label in labels.items() if label == name)
+        for i in rng.permutation(len(ids)):
+            splits[ids[i]] = role.get(dealt % n_folds, "train")
+            dealt += 1
+    return splits
+
+
+def write_splits(path: str | os.PathLike, splits: dict[str, str]) -> None:
+    """Write a splits CSV (``slide_id,split``) readable by :func:`read_splits`."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["slide_id", "split"])
+        writer.writerows(sorted(splits.items()))
+
+
+class SlideDataset(Dataset):
+    """Feature bags and class indices of labelled slides.
+
+    Parameters
+    ----------
+    features_dir : path
+        Folder of ``<slide_id>.h5`` feature files.
+    slide_ids : sequence of str
+        Slides, in dataset order.
+    labels : sequence of int
+        Class index of each slide.
+    magnifications : sequence of float
+        Magnifications to read (see :func:`read_bags`).
+    feature_dim : int, optional
+        Expected feature dimension, by default that of the first slide read; a file with
+        another one raises ``FeatureFileError``.
+    cache : bool
+        Keep bags in memory after the first read. Dense bags at 10x take about
+        ``64 * N_base * D * 4`` bytes per slide, so turn this off for large datasets.
+
+    Notes
+    -----
+    Item ``i`` is ``(bags, children, label)`` as returned by :func:`read_bags`, without coords.
+    """
+
+    def __init__(
+        self,
+        features_dir: str | os.PathLike,
+        slide_ids: Sequence[str],
+        labels: Sequence[int],
+        magnifications: Sequence[float],
+        feature_dim: int | None = None,
+        cache: bool = True,
+    ) -> None:
+        self.slide_ids = list(slide_ids)
+        self.labels = [int(y) for y in labels]
+        self.magnifications = [float(m) for m in magnifications]
+        self.feature_dim = feature_dim
+        self.paths = [feature_path(features_dir, s) for s in self.slide_ids]
+        missing = [p for p in self.paths if not p.is_file()]
+        if missing:
+            raise FeatureFileError(
+                f"{len(missing)} of {len(self.paths)} feature files are missing "
+                f"(first: {missing[0]}); run preprocess on those slides"
+            )
+        self._cache: dict[int, tuple[list[Tensor], list[Tensor]]] | None = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.slide_ids)
+
+    def __getitem__(self, index: int) -> tuple[list[Tensor], list[Tensor], int]:
+        if self._cache is not None and index in self._cache:
+            bags, children = self._cache[index]
+        else:
+            bags, children, _ = read_bags(self.paths[index], self.magnifications)
+            if self.feature_dim is None:
+                self.feature_dim = bags[0].shape[1]
+            if bags[0].shape[1] != self.feature_dim:
+                raise FeatureFileError(
+                    f"{self.paths[index]} has {bags[0].shape[1]}-d features, expected "
+                    f"{self.feature_dim}; were all slides embedded with the same encoder?"
+                )
+            if self._cache is not None:
+                self._cache[index] = (bags, children)
+        return bags, children, self.labels[index]
+
+
+def _read_csv(path: str | os.PathLike, columns: tuple[str, ...]) -> list[dict[str, str]]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in columns if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ZoompipeError(
+                    f"{path} needs columns {','.join(columns)} (missing: {', '.join(missing)})"
+                )
+            rows = list(reader)
+    except OSError as exc:
+        raise ZoompipeError(f"cannot read {path} ({exc.strerror})") from None
+    if not rows:
+        raise ZoompipeError(f"{path} has no rows")
+    return rows

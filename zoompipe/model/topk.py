@@ -1,0 +1,158 @@
+"""Differentiable top-K selection by perturbed maximum (Cordonnier et al., CVPR 2021).
+
+The hard top-K indicator of a score vector is piecewise constant, so it has no useful gradient.
+Its expectation under Gaussian noise,
+
+    T(a) = E_Z[ Y(a + sigma Z) ],   Z ~ N(0, I),
+
+where ``Y(s)`` is the (K x N) one-hot matrix of the K largest entries of ``s`` sorted by
+position, is smooth, and (Stein's lemma) its Jacobian is
+
+    dT[k, n] / da[m] = E_Z[ Y(a + sigma Z)[k, n] Z[m] ] / sigma.
+
+Both are estimated with the same Monte-Carlo samples. The Jacobian is the full outer product over
+the patch axis: raising one score pushes *other* patches out of the selection, and those
+off-diagonal terms carry most of the signal (the public ZoomMIL code kept only the diagonal).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+
+def topk_indices(scores: Tensor, k: int) -> Tensor:
+    """Indices of the ``k`` largest scores along the last axis, sorted by position.
+
+    Parameters
+    ----------
+    scores : Tensor
+        Scores, shape (..., N).
+    k : int
+        Number of indices, at most N.
+
+    Returns
+    -------
+    Tensor
+        LongTensor of shape (..., k), ascending along the last axis.
+    """
+    return scores.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
+class PerturbedTopKFunction(torch.autograd.Function):
+    """Soft top-K selector and its Monte-Carlo Jacobian (see the module docstring).
+
+    ``PerturbedTopKFunction.apply(scores, k, n_samples, sigma)`` takes scores of shape (B, N)
+    and returns the soft selector T of shape (B, K, N); each row of T sums to one. Entries set to
+    ``-inf`` are never selected, provided every bag has at least K finite entries.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx, scores: Tensor, k: int, n_samples: int, sigma: float
+    ) -> Tensor:
+        batch, n = scores.shape
+        noise = torch.randn(batch, n_samples, n, dtype=scores.dtype, device=scores.device)
+        indices = topk_indices(scores.unsqueeze(1) + sigma * noise, k)  # (B, S, K)
+        selector = scores.new_zeros(batch, k, n)
+        selector.scatter_add_(
+            -1,
+            indices.transpose(1, 2),
+            scores.new_full((batch, k, n_samples), 1.0 / n_samples),
+        )
+        ctx.save_for_backward(indices, noise)
+        ctx.sigma = sigma
+        return selector
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: FunctionCtx, grad_selector: Tensor
+    ) -> tuple[Tensor, None, None, None]:
+        indices, noise = ctx.saved_tensors
+        n_samples = noise.shape[1]
+        # <grad, Y_s> for each sample s; Y_s has one 1 per row k, at column indices[b, s, k].
+        inner = grad_selector.gather(-1, indices.transpose(1, 2)).sum(dim=1)  # (B, S)
+        # sum_{k,n} grad[k,n] E[Y_kn Z_m] / sigma = E[<grad, Y> Z_m] / sigma, for every m.
+        grad_scores = torch.einsum("bs,bsm->bm", inner, noise) / (n_samples * ctx.sigma)
+        return grad_scores, None, None, None
+
+
+def normalise_scores(scores: Tensor, mask: Tensor) -> Tensor:
+    """Min-max normalise each bag's scores to [0, 1]; masked entries become ``-inf``.
+
+    The noise scale ``sigma`` is then a fraction of the score range whatever the number of
+    patches or the scale of the scores (ZoomMIL's softmax scores shrink like 1/N, which made its
+    fixed sigma mean something different on every slide).
+
+    Parameters
+    ----------
+    scores : Tensor
+        Scores, shape (B, N).
+    mask : Tensor
+        Bool, shape (B, N); False marks entries that may not be selected.
+
+    Returns
+    -------
+    Tensor
+        Normalised scores, shape (B, N).
+    """
+    inf = torch.finfo(scores.dtype).max
+    low = scores.masked_fill(~mask, inf).amin(dim=-1, keepdim=True)
+    high = scores.masked_fill(~mask, -inf).amax(dim=-1, keepdim=True)
+    span = (high - low).clamp_min(torch.finfo(scores.dtype).eps)
+    return ((scores - low) / span).masked_fill(~mask, float("-inf"))
+
+
+class PerturbedTopK(nn.Module):
+    """Top-K selector: perturbed-maximum soft selection in training, hard top-K in eval.
+
+    Parameters
+    ----------
+    k : int
+        Number of entries to select; capped at the number of selectable entries of a bag.
+    n_samples : int
+        Monte-Carlo noise samples per forward pass.
+    sigma : float
+        Standard deviation of the noise, relative to the [0, 1] range of the min-max normalised
+        scores (see :func:`normalise_scores`).
+    """
+
+    def __init__(self, k: int, n_samples: int = 500, sigma: float = 0.05) -> None:
+        super().__init__()
+        self.k = k
+        self.n_samples = n_samples
+        self.sigma = sigma
+
+    def forward(self, scores: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Select the top-K entries of each bag.
+
+        Parameters
+        ----------
+        scores : Tensor
+            Scores, shape (B, N).
+        mask : Tensor, optional
+            Bool, shape (B, N); False marks entries that may not be selected (padding).
+
+        Returns
+        -------
+        Tensor
+            Selector T, shape (B, K, N), with K = min(k, fewest selectable entries in a bag).
+            Row k of T is the (expected) one-hot vector of the k-th selected entry, counting by
+            position. In eval mode, or when a bag has exactly K selectable entries and so no
+            choice to make, T is the hard selector and carries no gradient to the scores.
+        """
+        if mask is None:
+            mask = torch.ones_like(scores, dtype=torch.bool)
+        n_valid = mask.sum(dim=-1)
+        k = min(self.k, int(n_valid.min()))
+        if not self.training or bool((n_valid == k).all()):
+            hard = topk_indices(scores.detach().masked_fill(~mask, float("-inf")), k)
+            return F.one_hot(hard, scores.shape[-1]).to(scores.dtype)
+        return PerturbedTopKFunction.apply(
+            normalise_scores(scores, mask), k, self.n_samples, self.sigma
+        )
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, n_samples={self.n_samples}, sigma={self.sigma}"

@@ -1,0 +1,288 @@
+"""ZoomMIL: attention MIL that looks at low magnification and zooms where it matters.
+
+Thandiackal et al., "Differentiable Zooming for Multiple Instance Learning on Whole-Slide Images",
+ECCV 2022. At each magnification but the last, an auxiliary gated-attention head picks the K
+patches to zoom into; their children at the next magnification form the next bag. The pooled
+vectors of all magnifications are summed and classified.
+
+Patches are identified by *global rows*: row indices into the full grid of patches of a
+magnification (all tissue patches at the base, all children of those at the next
+magnification, and so on), as stored in the feature files. ``children[i]`` of shape (N_i, C)
+maps each row of magnification i to the rows of its C children at magnification i + 1, with -1
+for children that do not exist (padding).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from zoompipe.model.attention import GatedAttention, masked_softmax
+from zoompipe.model.topk import PerturbedTopK, topk_indices
+
+#: ``fetch_children(step, parents) -> (features, rows)``. ``parents`` holds the global rows,
+#: ascending, of the patches selected at magnification index ``step``; the function returns the
+#: features (M, D) of the children of those patches at magnification ``step + 1`` and their
+#: global rows (M,) there. Children that do not exist are simply left out, so the features are
+#: the rows of ``children[step][parents].flatten()`` that are not -1, in that order.
+FetchChildren = Callable[[int, Tensor], tuple[Tensor, Tensor]]
+
+
+@dataclass
+class ZoomMILConfig:
+    """Hyper-parameters of :class:`ZoomMIL`, stored in a run's ``config.json``.
+
+    Parameters
+    ----------
+    in_dim : int
+        Feature dimension D of the patch embeddings.
+    n_classes : int
+        Number of slide classes.
+    magnifications : list of float
+        Cascade of magnifications, ascending. A single magnification gives plain gated-attention
+        MIL (ABMIL) at that magnification.
+    k : int
+        Patches selected for zooming at each step, capped at the bag size.
+    hidden : int
+        Dimension of the projected patch embeddings.
+    attn_hidden : int
+        Hidden dimension of the gated-attention heads.
+    dropout : float
+        Dropout after the projection.
+    n_samples : int
+        Noise samples of the perturbed top-K during training.
+    sigma : float
+        Noise scale of the perturbed top-K, relative to the [0, 1] range of the scores.
+    """
+
+    in_dim: int
+    n_classes: int
+    magnifications: list[float] = field(default_factory=lambda: [1.25, 2.5, 10.0])
+    k: int = 12
+    hidden: int = 512
+    attn_hidden: int = 256
+    dropout: float = 0.25
+    n_samples: int = 500
+    sigma: float = 0.05
+
+    def __post_init__(self) -> None:
+        self.magnifications = [float(m) for m in self.magnifications]
+        mags = self.magnifications
+        if not mags or any(m <= 0 for m in mags) or any(b <= a for a, b in zip(mags, mags[1:])):
+            raise ValueError(f"magnifications must be positive and ascending, got {mags}")
+        if self.in_dim < 1 or self.n_classes < 2 or self.k < 1:
+            raise ValueError(
+                f"need in_dim >= 1, n_classes >= 2 and k >= 1, got "
+                f"{self.in_dim}, {self.n_classes} and {self.k}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form of the configuration."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ZoomMILConfig:
+        """Inverse of :meth:`to_dict`; unknown or missing keys raise ``TypeError``."""
+        return cls(**data)
+
+
+@dataclass
+class ZoomOutput:
+    """Prediction for one slide, with what each magnification looked at.
+
+    Attributes
+    ----------
+    logits : Tensor
+        Class logits, shape (n_classes,).
+    rows : list of Tensor
+        Per magnification, the global rows (CPU LongTensor) of the bag that was attended: every
+        row at the base, the children of the selected patches above it.
+    attention : list of Tensor
+        Per magnification, the pooling attention over ``rows`` (sums to one).
+    selected : list of Tensor
+        Per magnification but the last, the global rows (CPU LongTensor, ascending) chosen for
+        zooming.
+    selection_scores : list of Tensor
+        Per magnification but the last, the auxiliary head's raw scores over ``rows``; the
+        ``selected`` rows are the top-K of these.
+
+    Notes
+    -----
+    In training mode the bags above the base are soft mixtures of patches, which have no global
+    rows, so only ``logits`` is filled and the lists are empty.
+    """
+
+    logits: Tensor
+    rows: list[Tensor] = field(default_factory=list)
+    attention: list[Tensor] = field(default_factory=list)
+    selected: list[Tensor] = field(default_factory=list)
+    selection_scores: list[Tensor] = field(default_factory=list)
+
+    @property
+    def probabilities(self) -> Tensor:
+        """Class probabilities, shape (n_classes,)."""
+        return torch.softmax(self.logits, dim=-1)
+
+
+class Magnification(nn.Module):
+    """Projection, pooling attention and, except at the last magnification, a zoom head."""
+
+    def __init__(self, config: ZoomMILConfig, zoom: bool) -> None:
+        super().__init__()
+        self.project = nn.Sequential(
+            nn.Linear(config.in_dim, config.hidden), nn.ReLU(), nn.Dropout(config.dropout)
+        )
+        self.attention = GatedAttention(config.hidden, config.attn_hidden)
+        self.zoom = GatedAttention(config.hidden, config.attn_hidden) if zoom else None
+
+
+class ZoomMIL(nn.Module):
+    """ZoomMIL classifier over a cascade of magnifications (one slide at a time).
+
+    Parameters
+    ----------
+    config : ZoomMILConfig
+        Hyper-parameters.
+    """
+
+    def __init__(self, config: ZoomMILConfig) -> None:
+        super().__init__()
+        self.config = config
+        n_mags = len(config.magnifications)
+        self.levels = nn.ModuleList(
+            Magnification(config, zoom=i < n_mags - 1) for i in range(n_mags)
+        )
+        self.classifier = nn.Linear(config.hidden, config.n_classes)
+        self.select = PerturbedTopK(config.k, config.n_samples, config.sigma)
+
+    def forward(self, bags: list[Tensor], children: list[Tensor]) -> ZoomOutput:
+        """Classify a slide whose features are known at every patch of every magnification.
+
+        Parameters
+        ----------
+        bags : list of Tensor
+            Per magnification, features (N_i, D) of the full grid.
+        children : list of Tensor
+            Per magnification but the last, LongTensor (N_i, C_i) of the children's rows in
+            ``bags[i + 1]``, -1 for padding.
+
+        Returns
+        -------
+        ZoomOutput
+            In training mode the selection is soft (perturbed top-K, differentiable) and only
+            the logits are returned; in eval mode this is :meth:`infer` reading from ``bags``.
+        """
+        n_mags = len(self.levels)
+        if len(bags) != n_mags or len(children) != n_mags - 1:
+            raise ValueError(
+                f"model has {n_mags} magnifications; got {len(bags)} bags and "
+                f"{len(children)} children indices"
+            )
+        if self.training:
+            return self._forward_soft(bags, children)
+
+        def fetch_dense(step: int, parents: Tensor) -> tuple[Tensor, Tensor]:
+            index = children[step]
+            rows = index[parents.to(index.device)].flatten()
+            rows = rows[rows >= 0]
+            return bags[step + 1][rows.to(bags[step + 1].device)], rows
+
+        return self.infer(bags[0], fetch_dense)
+
+    def infer(self, h0: Tensor, fetch_children: FetchChildren) -> ZoomOutput:
+        """Classify a slide, computing features above the base only where the model zooms.
+
+        Parameters
+        ----------
+        h0 : Tensor
+            Features (N_0, D) of every patch at the base magnification.
+        fetch_children : callable
+            ``fetch_children(step, parents) -> (features, rows)``, see :data:`FetchChildren`.
+            ``parents`` is a CPU LongTensor; the features are moved to the device of ``h0``.
+
+        Returns
+        -------
+        ZoomOutput
+            Logits and, per magnification, attended rows, attention and selection.
+        """
+        if self.training:
+            raise RuntimeError("ZoomMIL.infer makes hard selections; call model.eval() first")
+        out = ZoomOutput(logits=h0.new_zeros(0))  # logits are filled in last
+        pooled = h0.new_zeros(self.config.hidden)
+        features, rows = h0, torch.arange(len(h0))
+        for step, level in enumerate(self.levels):
+            z = level.project(features)
+            attention = masked_softmax(level.attention(z))
+            pooled = pooled + attention @ z
+            out.rows.append(rows)
+            out.attention.append(attention)
+            if level.zoom is None:
+                break
+            scores = level.zoom(z)
+            local = topk_indices(scores, min(self.config.k, len(rows))).cpu()
+            selected = rows[local].sort().values
+            out.selected.append(selected)
+            out.selection_scores.append(scores)
+            features, rows = fetch_children(step, selected)
+            features, rows = features.to(h0.device), rows.cpu()
+        out.logits = self.classifier(pooled)
+        return out
+
+    def _forward_soft(self, bags: list[Tensor], children: list[Tensor]) -> ZoomOutput:
+        # A soft bag above the base has rows (j, c): child c of the mixture of parents
+        # sum_a mix[j, a] * parents[a], where `parents` are global rows of the previous
+        # magnification. A hard selection makes `mix` a 0/1 matrix and this is a plain gather.
+        features, weights = bags[0], None
+        mix = parents = None
+        pooled = bags[0].new_zeros(self.config.hidden)
+        for step, level in enumerate(self.levels):
+            z = level.project(features)
+            pooled = pooled + masked_softmax(level.attention(z), weights) @ z
+            if level.zoom is None:
+                break
+            mask = None if weights is None else (weights > 0)[None]
+            selector = self.select(level.zoom(z)[None], mask)[0]  # (K, n_rows)
+            if mix is None:
+                mix, parents = selector, torch.arange(len(features), device=features.device)
+            else:
+                # Selecting soft rows (j, c) of this bag mixes the c-th children of the
+                # previous parents: the new parents are those children, in (a, c) order.
+                n_prev = mix.shape[0]
+                mix = torch.einsum(
+                    "kjc,ja->kac", selector.view(len(selector), n_prev, -1), mix
+                ).flatten(1)
+                parents = children[step - 1][parents].flatten()
+            # Drop parents that are padding or carry no weight: they contribute nothing.
+            keep = (parents >= 0) & (mix.detach() != 0).any(dim=0)
+            mix, parents = mix[:, keep], parents[keep]
+            features, weights = _mix_children(mix, children[step][parents], bags[step + 1])
+        return ZoomOutput(logits=self.classifier(pooled))
+
+
+def _mix_children(mix: Tensor, child_rows: Tensor, features: Tensor) -> tuple[Tensor, Tensor]:
+    """Soft bag of the children of mixed parents.
+
+    Parameters
+    ----------
+    mix : Tensor
+        Mixing weights (K, A) over A parents.
+    child_rows : Tensor
+        LongTensor (A, C), the parents' children rows in ``features``, -1 for padding.
+    features : Tensor
+        Features (N, D) of the children's magnification.
+
+    Returns
+    -------
+    features : Tensor
+        Soft bag (K * C, D); row (k, c) mixes the c-th children of the parents.
+    weights : Tensor
+        (K * C,), the share of each row that is a real patch rather than padding.
+    """
+    valid = child_rows >= 0
+    gathered = features[child_rows.clamp_min(0)] * valid.unsqueeze(-1).to(features.dtype)
+    mixed = torch.einsum("ka,acd->kcd", mix, gathered).flatten(0, 1)
+    weights = (mix @ valid.to(mix.dtype)).flatten()
+    return mixed, weights

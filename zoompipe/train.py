@@ -1,0 +1,256 @@
+"""Train ZoomMIL on precomputed feature files."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import WeightedRandomSampler
+from tqdm import tqdm
+
+from zoompipe.dataset import (
+    SlideDataset,
+    feature_path,
+    file_magnifications,
+    make_splits,
+    read_labels,
+    read_pipeline_metadata,
+    read_splits,
+    write_splits,
+)
+from zoompipe.errors import ZoompipeError
+from zoompipe.evaluate import Slide, predict_logits
+from zoompipe.metrics import classification_metrics
+from zoompipe.model import ZoomMIL, ZoomMILConfig, save_run
+
+LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "val_acc", "val_f1", "lr")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def balanced_sampler(labels: Sequence[int], seed: int) -> WeightedRandomSampler:
+    """Sampler that draws every class equally often, with replacement, one epoch's worth."""
+    counts = np.bincount(labels)
+    weights = 1.0 / counts[np.asarray(labels)]
+    return WeightedRandomSampler(
+        weights.tolist(),
+        num_samples=len(labels),
+        replacement=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def train_one_epoch(
+    model: ZoomMIL,
+    slides: Sequence[Slide],
+    order: Iterable[int],
+    optimizer: torch.optim.Optimizer,
+    device: str | torch.device,
+    progress: tqdm | None = None,
+) -> float:
+    """One pass over ``slides`` in ``order``, one slide per optimiser step.
+
+    Returns
+    -------
+    float
+        Mean training cross-entropy.
+    """
+    model.train()
+    total, count = 0.0, 0
+    for index in order:
+        bags, children, label = slides[index]
+        out = model([b.to(device) for b in bags], [c.to(device) for c in children])
+        loss = F.cross_entropy(out.logits[None], torch.tensor([label], device=device))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        total, count = total + loss.item(), count + 1
+        if progress is not None:
+            progress.update()
+            progress.set_postfix(loss=f"{total / count:.3f}", refresh=False)
+    return total / max(count, 1)
+
+
+def train_model(
+    features_dir: str | os.PathLike,
+    labels_csv: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    splits_csv: str | os.PathLike | None = None,
+    fold: int | None = None,
+    n_folds: int = 5,
+    magnifications: Sequence[float] | None = None,
+    k: int = 12,
+    epochs: int = 100,
+    lr: float = 1e-4,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    device: str = "cpu",
+    patience: int | None = None,
+    cache: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ZoomMIL and keep the checkpoint with the best validation weighted F1.
+
+    Parameters
+    ----------
+    features_dir : path
+        Folder of ``<slide_id>.h5`` feature files.
+    labels_csv : path
+        CSV ``slide_id,label``; class indices follow the sorted class names.
+    out_dir : path
+        Run folder: ``model.safetensors`` and ``config.json`` (best epoch), ``splits.csv``,
+        ``log.csv`` (one row per epoch) and ``train_summary.json``.
+    splits_csv : path, optional
+        CSV ``slide_id,split`` (train, val, test) naming the slides to use. Without it, a seeded
+        stratified ``n_folds``-fold split with test fold ``fold`` (see
+        :func:`~zoompipe.dataset.make_splits`).
+    fold : int, optional
+        Test fold of the generated split, 0 by default; not allowed with ``splits_csv``.
+    n_folds : int
+        Folds of the generated split.
+    magnifications : sequence of float, optional
+        Cascade to train on; by default every magnification of the feature files. One
+        magnification trains plain attention MIL.
+    k : int
+        Patches to zoom into per step (capped at the bag size).
+    epochs : int
+        Maximum number of epochs.
+    lr, weight_decay : float
+        Adam settings.
+    seed : int
+        Seed of the split, the initialisation, the sampling and the selection noise.
+    device : str
+        ``cpu`` or ``cuda``.
+    patience : int, optional
+        Stop after this many epochs without a better validation score.
+    cache : bool
+        Keep feature bags in memory between epochs.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    dict
+        Best epoch and its validation metrics, epochs run, split sizes, class names and
+        magnifications (also written to ``train_summary.json``).
+
+    Notes
+    -----
+    "Best" compares validation weighted F1, then validation loss on ties (small validation
+    sets make F1 ties common). The learning rate is multiplied by 0.8 when the validation loss
+    has not improved for 5 epochs.
+    """
+    if epochs < 1:
+        raise ZoompipeError(f"need at least one epoch, got {epochs}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ZoompipeError("CUDA is not available here; use --device cpu")
+    seed_everything(seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    labels = read_labels(labels_csv)
+    class_names = sorted(set(labels.values()))
+    if len(class_names) < 2:
+        raise ZoompipeError(f"{labels_csv} has a single class ({class_names[0]}); need two or more")
+    splits = _splits(labels, labels_csv, splits_csv, fold, n_folds, seed)
+    write_splits(out_dir / "splits.csv", splits)
+    ids = {name: [s for s in labels if splits.get(s) == name] for name in ("train", "val", "test")}
+    if not ids["train"] or not ids["val"]:
+        raise ZoompipeError(
+            f"need training and validation slides, got {len(ids['train'])} and {len(ids['val'])}"
+        )
+
+    first = feature_path(features_dir, ids["train"][0])
+    mags = list(magnifications) if magnifications else file_magnifications(first)
+
+    def subset(name: str, feature_dim: int | None) -> SlideDataset:
+        targets = [class_names.index(labels[s]) for s in ids[name]]
+        return SlideDataset(features_dir, ids[name], targets, mags, feature_dim, cache)
+
+    train_set = subset("train", None)
+    in_dim = train_set[0][0][0].shape[1]  # every other slide must match the first one
+    val_set = subset("val", in_dim)
+    pipeline = read_pipeline_metadata(first, mags)
+
+    config = ZoomMILConfig(in_dim=in_dim, n_classes=len(class_names), magnifications=mags, k=k)
+    model = ZoomMIL(config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.8, patience=5)
+    sampler = balanced_sampler(train_set.labels, seed)
+    val_targets = torch.tensor(val_set.labels)
+
+    best: dict[str, Any] = {}
+    val_status = ""
+    bar = tqdm(total=epochs * len(ids["train"]), unit="slide", disable=not progress)
+    with bar, open(out_dir / "log.csv", "w", newline="", encoding="utf-8") as log_file:
+        log = csv.writer(log_file)
+        log.writerow(LOG_COLUMNS)
+        for epoch in range(1, epochs + 1):
+            bar.set_description(f"epoch {epoch}/{epochs}{val_status}")
+            train_loss = train_one_epoch(model, train_set, list(sampler), optimizer, device, bar)
+            logits = predict_logits(model, val_set, device)
+            val_loss = float(F.cross_entropy(logits, val_targets))
+            metrics = classification_metrics(val_targets.numpy(), logits.softmax(dim=1).numpy())
+            lr_now = optimizer.param_groups[0]["lr"]
+            log.writerow([epoch, f"{train_loss:.6f}", f"{val_loss:.6f}",
+                          f"{metrics['accuracy']:.6f}", f"{metrics['weighted_f1']:.6f}", lr_now])
+            log_file.flush()
+            val_status = f" val_loss {val_loss:.3f} val_f1 {metrics['weighted_f1']:.3f}"
+            scheduler.step(val_loss)
+            if not best or (metrics["weighted_f1"], -val_loss) > (best["f1"], -best["loss"]):
+                best = {"epoch": epoch, "f1": metrics["weighted_f1"], "loss": val_loss,
+                        "accuracy": metrics["accuracy"]}
+                save_run(out_dir, model, class_names, pipeline)
+            elif patience is not None and epoch - best["epoch"] >= patience:
+                break
+
+    summary = {
+        "run_dir": str(out_dir),
+        "best_epoch": best["epoch"],
+        "best_val_f1": best["f1"],
+        "best_val_loss": best["loss"],
+        "best_val_accuracy": best["accuracy"],
+        "epochs_run": epoch,
+        "n_train": len(ids["train"]),
+        "n_val": len(ids["val"]),
+        "n_test": len(ids["test"]),
+        "class_names": class_names,
+        "magnifications": mags,
+    }
+    (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _splits(
+    labels: dict[str, str],
+    labels_csv: str | os.PathLike,
+    splits_csv: str | os.PathLike | None,
+    fold: int | None,
+    n_folds: int,
+    seed: int,
+) -> dict[str, str]:
+    if splits_csv is None:
+        return make_splits(labels, n_folds=n_folds, fold=fold or 0, seed=seed)
+    if fold is not None:
+        raise ZoompipeError("a fold picks a generated split; it cannot be combined with a splits CSV")
+    splits = read_splits(splits_csv)
+    unlabelled = [s for s in splits if s not in labels]
+    if unlabelled:
+        raise ZoompipeError(
+            f"{len(unlabelled)} slides of {splits_csv} have no label in {labels_csv} "
+            f"(first: {unlabelled[0]})"
+        )
+    return splits
