@@ -15,9 +15,12 @@ import click
 from zoompipe import __version__
 from zoompipe.errors import ZoompipeError
 
+from .evaluate import evaluate_command
 from .info import info_command
+from .predict import heatmap_command, predict_command
 from .preprocess import preprocess_command
 from .synth import synth_command
+from .train import train_command
 
 
 class ZoompipeGroup(click.Group):
@@ -45,7 +48,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
 
 
-for command in (info_command, synth_command, preprocess_command):
+for command in (info_command, synth_command, preprocess_command, train_command, evaluate_command,
+                predict_command, heatmap_command):
     cli.add_command(command)
 
 

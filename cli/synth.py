@@ -1,31 +1,34 @@
-"""``zoompipe synth``: write synthetic pyramidal slides to try the pipeline without real data."""
+"""``zoompipe synth``: a labelled cohort of synthetic lesion slides, to try the pipeline without data."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import click
-from tqdm import tqdm
 
-from zoompipe.synthetic import write_synthetic_slide
+from zoompipe.synthetic import GRADE_NAMES, write_cohort
 
 
 @click.command("synth")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--n", "count", type=int, default=1, help="Number of slides.")
-@click.option("--width", type=int, default=16384, help="Level-0 width in pixels.")
-@click.option("--height", type=int, default=12288, help="Level-0 height in pixels.")
-@click.option("--mpp", type=float, default=0.25, help="Level-0 microns per pixel (0.25 = 40x).")
-@click.option("--seed", type=int, default=0, help="Seed of the first slide; slide i uses seed + i.")
-def synth_command(out_dir: str, count: int, width: int, height: int, mpp: float, seed: int) -> None:
-    """Write COUNT Aperio-style SVS slides of tissue-like blobs on glass into OUT_DIR.
+@click.option("--n", "count", type=int, default=60, help="Number of slides (classes alternate).")
+@click.option("--classes", "n_classes", type=click.IntRange(2, len(GRADE_NAMES)), default=3,
+              help="2: normal/malignant; 3: normal/atypical/malignant.")
+@click.option("--width", type=int, default=30720, help="Level-0 width in pixels.")
+@click.option("--height", type=int, default=24576, help="Level-0 height in pixels.")
+@click.option("--mpp", type=float, default=0.5, help="Level-0 microns per pixel (0.5 = 20x).")
+@click.option("--seed", type=int, default=0, help="Seed of the whole cohort.")
+@click.option("--jobs", type=int, default=1, help="Slides written in parallel.")
+def synth_command(out_dir: str, count: int, n_classes: int, width: int, height: int, mpp: float, seed: int,
+                  jobs: int) -> None:
+    """Write a cohort of Aperio-style SVS slides whose class shows only at high magnification.
 
-    Files are named synthetic_000.svs, synthetic_001.svs, ...; existing files are kept.
+    Every slide has tissue and a few lesions (0.5-2 mm) that look denser at 1.25x in every class;
+    the class is the size and shape of the nuclei inside the lesions, visible at 10x. Writes
+    OUT_DIR/slides/*.svs, OUT_DIR/regions/*.png (lesion labels at 4 um/px), labels.csv and
+    splits.csv (stratified train/val/test). Existing slides are kept.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for index in tqdm(range(count), desc="slides", unit="slide", disable=count == 1):
-        path = out / f"synthetic_{index:03d}.svs"
-        if not path.exists():
-            write_synthetic_slide(path, width, height, mpp=mpp, seed=seed + index)
-        click.echo(str(path))
+    rows = write_cohort(Path(out_dir), count, seed=seed, width=width, height=height, mpp=mpp,
+                        n_classes=n_classes, jobs=jobs)
+    for row in rows:
+        click.echo(f"{row['path']}  {row['label']}  {row['split']}")

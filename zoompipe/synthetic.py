@@ -219,9 +219,31 @@ def _hash_uniform(seed: int, *keys: np.ndarray) -> np.ndarray:
     return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
+#: Nuclei inside lesions, per grade: (mean radius um, elongation, irregularity). Sizes and shapes
+#: differ; the hematoxylin area share does not (see ``LESION_COVERAGE``), so the grades look the
+#: same once nuclei are smaller than a pixel (1.25x) and differ only at high magnification.
+GRADES = {
+    0: (3.0, 1.0, 0.0),   # normal: small round nuclei
+    1: (4.5, 1.7, 0.0),   # atypical: larger, elongated
+    2: (6.0, 1.25, 0.35),  # malignant: large, pleomorphic
+}
+GRADE_NAMES = ("normal", "atypical", "malignant")
+TISSUE_COVERAGE = 0.08  # hematoxylin area share of ordinary tissue
+LESION_COVERAGE = 0.30  # ... and of a lesion, whatever its grade
+_BACKGROUND_RADIUS_UM = 3.5
+_DRAW_RADIUS_UM = 3.0  # nuclei are drawn on levels where this is at least one pixel, blended below
+
+
+def _cell_size(radius_um: float, elongation: float, irregularity: float, coverage: float, presence: float) -> float:
+    """Lattice spacing (um) that gives a hematoxylin area share of ``coverage``."""
+    # Radius factor 0.75 + 0.5u, u ~ U(0, 1): E[f^2] = 1.0208; irregularity scales radii by (1 + i(v - 0.5)).
+    mean_area = math.pi * radius_um**2 * 1.0208 * (1 + irregularity**2 / 12)
+    return math.sqrt(presence * mean_area / coverage)
+
+
 @dataclass
 class SyntheticTissue:
-    """Procedural H&E-like tissue: pink blobs on glass, with purple nuclei.
+    """Procedural H&E-like tissue: pink blobs on glass, purple nuclei, optional graded lesions.
 
     Everything is a function of level-0 position and ``seed``, so any box of any pyramid level
     can be drawn on its own and the levels agree with each other.
@@ -238,8 +260,13 @@ class SyntheticTissue:
         Number of tissue pieces.
     tissue_fraction : float
         Rough share of the slide the blobs cover.
-    nucleus_um : float
-        Mean nucleus diameter in microns.
+    n_lesions : int
+        Suspicious regions: denser than the tissue around them at every magnification, with
+        nuclei whose size and shape depend on ``grade``.
+    lesion_um : (float, float)
+        Range of lesion diameters in microns.
+    grade : int
+        Key of :data:`GRADES`, the class of the slide.
     """
 
     width: int
@@ -248,11 +275,13 @@ class SyntheticTissue:
     seed: int = 0
     n_blobs: int = 5
     tissue_fraction: float = 0.3
-    nucleus_um: float = 8.0
+    n_lesions: int = 0
+    lesion_um: tuple[float, float] = (500.0, 2000.0)
+    grade: int = 0
 
     def __post_init__(self) -> None:
-        # The tissue layout lives on a coarse field; every level samples it bilinearly so that
-        # tissue borders are smooth and identical across levels.
+        # The layout lives on coarse fields; every level samples them bilinearly so that borders
+        # are smooth and identical across levels.
         self.field_downsample = max(self.width, self.height) / 512.0
         fw = max(2, math.ceil(self.width / self.field_downsample))
         fh = max(2, math.ceil(self.height / self.field_downsample))
@@ -266,65 +295,117 @@ class SyntheticTissue:
             centre = (int(rng.uniform(0.2, 0.8) * fw), int(rng.uniform(0.2, 0.8) * fh))
             cv2.ellipse(field, centre, axes, float(rng.uniform(0, 180)), 0, 360, 1.0, -1)
         wobble = cv2.GaussianBlur(rng.standard_normal((fh, fw)).astype(np.float32), (0, 0), 6)
-        field = cv2.GaussianBlur(field, (0, 0), 3) + 2.0 * wobble
-        self.field = field
+        self.field = cv2.GaussianBlur(field, (0, 0), 3) + 2.0 * wobble
+        self.lesion_field = self._place_lesions(rng)
+
+    def _place_lesions(self, rng: np.random.Generator) -> np.ndarray:
+        """Lesion ellipses centred on tissue, away from its border, on a field like the tissue's."""
+        lesions = np.zeros_like(self.field)
+        inner = cv2.erode((self.field > 0.5).astype(np.uint8), np.ones((9, 9), np.uint8))
+        candidates = np.argwhere(inner > 0)
+        um_per_cell = self.field_downsample * self.mpp
+        for _ in range(self.n_lesions if len(candidates) else 0):
+            cy, cx = candidates[rng.integers(len(candidates))]
+            diameter = rng.uniform(*self.lesion_um) / um_per_cell
+            ratio = rng.uniform(0.6, 1.0)
+            axes = (max(1, round(diameter / 2)), max(1, round(diameter * ratio / 2)))
+            cv2.ellipse(lesions, (int(cx), int(cy)), axes, float(rng.uniform(0, 180)), 0, 360, 1.0, -1)
+        return cv2.GaussianBlur(lesions, (0, 0), 1.0) if self.n_lesions else lesions
 
     # -- layout -------------------------------------------------------------------------------
 
-    def _field_at(self, downsample: float, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """The tissue field sampled at the centres of a box of pixels of a level."""
+    def _sample(self, field: np.ndarray, downsample: float, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """A coarse field sampled at the centres of a box of pixels of a level."""
         xs = ((x + np.arange(w) + 0.5) * downsample / self.field_downsample - 0.5).astype(np.float32)
         ys = ((y + np.arange(h) + 0.5) * downsample / self.field_downsample - 0.5).astype(np.float32)
         map_x, map_y = np.meshgrid(xs, ys)
-        return cv2.remap(self.field, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        return cv2.remap(field, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+    def _at_points(self, field: np.ndarray, px: np.ndarray, py: np.ndarray) -> np.ndarray:
+        """A coarse field at level-0 points (nearest cell)."""
+        fx = np.clip(np.round(px / self.field_downsample - 0.5), 0, field.shape[1] - 1).astype(int)
+        fy = np.clip(np.round(py / self.field_downsample - 0.5), 0, field.shape[0] - 1).astype(int)
+        return field[fy, fx]
 
     def tissue_mask(self, downsample: float, x: int = 0, y: int = 0, w: int | None = None,
                     h: int | None = None) -> np.ndarray:
         """Ground-truth tissue mask of a box of the level with this downsample (whole level by default)."""
         lw, lh = _level_size(self.width, self.height, downsample)
-        return self._field_at(downsample, x, y, lw if w is None else w, lh if h is None else h) > 0.5
+        return self._sample(self.field, downsample, x, y, lw if w is None else w, lh if h is None else h) > 0.5
+
+    def lesion_mask(self, downsample: float) -> np.ndarray:
+        """Ground-truth lesion mask of the whole level with this downsample."""
+        lw, lh = _level_size(self.width, self.height, downsample)
+        return (self._sample(self.lesion_field, downsample, 0, 0, lw, lh) > 0.5) & self.tissue_mask(downsample)
 
     # -- pixels -------------------------------------------------------------------------------
 
-    def _nuclei(self, x0: float, y0: float, x1: float, y1: float) -> tuple[np.ndarray, ...]:
-        """Nuclei (centre x, y, radius, all level-0 px) whose cells overlap a level-0 box."""
-        cell = 2.5 * self.nucleus_um / self.mpp
+    def _lattice(self, cell_um: float, salt: int, x0: float, y0: float, x1: float, y1: float):
+        """Jittered lattice points (level-0 px) whose cells overlap a level-0 box, and their cell keys."""
+        cell = cell_um / self.mpp
         cx = np.arange(math.floor(x0 / cell) - 1, math.ceil(x1 / cell) + 1)
         cy = np.arange(math.floor(y0 / cell) - 1, math.ceil(y1 / cell) + 1)
-        gx, gy = np.meshgrid(cx, cy)
-        px = (gx + _hash_uniform(self.seed, gx, gy, 1)) * cell
-        py = (gy + _hash_uniform(self.seed, gx, gy, 2)) * cell
-        radius = 0.5 * self.nucleus_um / self.mpp * (0.75 + 0.5 * _hash_uniform(self.seed, gx, gy, 3))
-        fx = np.clip(px / self.field_downsample - 0.5, 0, self.field.shape[1] - 1).astype(int)
-        fy = np.clip(py / self.field_downsample - 0.5, 0, self.field.shape[0] - 1).astype(int)
-        keep = (self.field[fy, fx] > 0.5) & (_hash_uniform(self.seed, gx, gy, 4) < 0.6)
-        return px[keep], py[keep], radius[keep]
+        gx, gy = (g.ravel() for g in np.meshgrid(cx, cy))
+        px = (gx + _hash_uniform(self.seed, gx, gy, salt, 1)) * cell
+        py = (gy + _hash_uniform(self.seed, gx, gy, salt, 2)) * cell
+        return px, py, gx, gy
+
+    def _nuclei(self, x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
+        """Nuclei overlapping a level-0 box: rows (x, y, semi-axis a, semi-axis b, angle), level-0 px."""
+        rows = []
+        kinds = [(0, (_BACKGROUND_RADIUS_UM, 1.0, 0.0), TISSUE_COVERAGE, False)]
+        if self.n_lesions:
+            kinds.append((1, GRADES[self.grade], LESION_COVERAGE, True))
+        for salt, (radius_um, elongation, irregularity), coverage, in_lesion in kinds:
+            presence = 0.6 if not in_lesion else 0.9
+            cell_um = _cell_size(radius_um, elongation, irregularity, coverage, presence)
+            px, py, gx, gy = self._lattice(cell_um, salt, x0, y0, x1, y1)
+            lesion = self._at_points(self.lesion_field, px, py) > 0.5
+            keep = ((self._at_points(self.field, px, py) > 0.5) & (lesion == in_lesion)
+                    & (_hash_uniform(self.seed, gx, gy, salt, 4) < presence))
+            u = [_hash_uniform(self.seed, gx[keep], gy[keep], salt, k) for k in (3, 5, 6)]
+            radius = radius_um / self.mpp * (0.75 + 0.5 * u[0]) * (1 + irregularity * (u[1] - 0.5))
+            # Elongation keeps the area: a = r * sqrt(e), b = r / sqrt(e).
+            rows.append(np.stack([px[keep], py[keep], radius * math.sqrt(elongation),
+                                  radius / math.sqrt(elongation), u[2] * 180.0], axis=1))
+        return np.concatenate(rows)
+
+    def _grain(self, downsample: float, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """Pixel noise of a box: a window of a small noise bank, chosen by position (fast, deterministic)."""
+        if not hasattr(self, "_noise_bank"):
+            rng = np.random.default_rng(self.seed)
+            self._noise_bank = rng.normal(0, 4, size=(8, 512, 512, 1)).astype(np.float32)
+        bank = self._noise_bank
+        pick = _hash_uniform(self.seed, np.array([x]), y, int(downsample * 1000))[0]
+        index, ox, oy = int(pick * 8), int(pick * 4099) % 256, int(pick * 7919) % 256
+        if h + oy > 512 or w + ox > 512:  # boxes larger than the bank (thumbnails): tile it
+            reps = (math.ceil((h + oy) / 512), math.ceil((w + ox) / 512), 1)
+            return np.tile(bank[index], reps)[oy:oy + h, ox:ox + w]
+        return bank[index, oy:oy + h, ox:ox + w]
 
     def render(self, downsample: float, x: int, y: int, w: int, h: int) -> np.ndarray:
         """Draw a box of the level with this downsample (a :data:`Renderer`)."""
-        tissue = self._field_at(downsample, x, y, w, h) > 0.5
+        tissue = self._sample(self.field, downsample, x, y, w, h) > 0.5
         out = np.empty((h, w, 3), np.uint8)
         out[:] = GLASS_RGB
         if not tissue.any():
             return out
-        rgb = np.broadcast_to(EOSIN_RGB, (h, w, 3)).copy()
-        mean_radius = 0.5 * self.nucleus_um / self.mpp / downsample
-        px, py, radius = self._nuclei(x * downsample, y * downsample, (x + w) * downsample, (y + h) * downsample)
-        if mean_radius >= 1.0:
+        if _DRAW_RADIUS_UM / (self.mpp * downsample) >= 1.0:
             ink = np.zeros((h, w), np.uint8)
             shift = 4  # sub-pixel centres keep the drawing consistent between levels
-            for cx, cy, r in zip(px / downsample - x, py / downsample - y, radius / downsample):
-                cv2.circle(ink, (int(cx * 16), int(cy * 16)), int(r * 16), 255, -1, cv2.LINE_AA, shift)
+            nuclei = self._nuclei(x * downsample, y * downsample, (x + w) * downsample, (y + h) * downsample)
+            for cx, cy, a, b, angle in nuclei.tolist():
+                cv2.ellipse(ink, (round((cx / downsample - x) * 16), round((cy / downsample - y) * 16)),
+                            (round(a / downsample * 16), round(b / downsample * 16)), angle, 0, 360, 255, -1,
+                            cv2.LINE_AA, shift)
             coverage = ink.astype(np.float32)[..., None] / 255.0
         else:
-            # Nuclei smaller than a pixel: blend their expected area share instead of drawing them.
-            cell = 2.5 * self.nucleus_um / self.mpp
-            share = 0.6 * math.pi * (0.5 * self.nucleus_um / self.mpp) ** 2 * 1.0208 / cell**2  # E[(0.75 + 0.5u)^2] = 1.0208
-            coverage = np.float32(share)
-        rgb = rgb * (1 - coverage) + HEMATOXYLIN_RGB * coverage
-        rng = np.random.default_rng([self.seed, int(x), int(y), int(downsample * 1000)])
-        rgb += rng.normal(0, 4, size=(h, w, 1)).astype(np.float32)
-        out[tissue] = np.clip(rgb[tissue], 0, 255).astype(np.uint8)
+            # Nuclei smaller than a pixel: blend their area share instead of drawing them.
+            lesion = self._sample(self.lesion_field, downsample, x, y, w, h) > 0.5
+            coverage = np.where(lesion, LESION_COVERAGE, TISSUE_COVERAGE).astype(np.float32)[..., None]
+        rgb = EOSIN_RGB + (HEMATOXYLIN_RGB - EOSIN_RGB) * coverage
+        rgb += self._grain(downsample, x, y, w, h)
+        np.copyto(out, np.clip(rgb, 0, 255).astype(np.uint8), where=tissue[..., None])
         return out
 
 
@@ -335,14 +416,98 @@ def write_synthetic_slide(
     *,
     mpp: float = 0.25,
     seed: int = 0,
+    layout: dict | None = None,
     **kwargs,
 ) -> SyntheticTissue:
     """Write a procedural tissue slide (Aperio SVS by default) and return its generator.
 
     The returned :class:`SyntheticTissue` gives the ground truth, e.g. its
-    :meth:`~SyntheticTissue.tissue_mask` at any downsample. Extra keyword arguments go to
+    :meth:`~SyntheticTissue.tissue_mask` at any downsample. ``layout`` holds further
+    :class:`SyntheticTissue` parameters (lesions, grade); extra keyword arguments go to
     :func:`write_slide`.
     """
-    tissue = SyntheticTissue(width, height, mpp=mpp, seed=seed)
+    layout = layout or {}
+    tissue = SyntheticTissue(width, height, mpp=mpp, seed=seed, **layout)
     write_slide(path, width, height, tissue.render, mpp=mpp, **kwargs)
     return tissue
+
+
+REGIONS_MPP = 4.0  # resolution of the ground-truth lesion masks written beside cohort slides
+
+
+def _cohort_slide(job: tuple[Path, Path, int, int, int, float, dict]) -> None:
+    slide_path, regions_path, width, height, seed, mpp, layout = job
+    tissue = SyntheticTissue(width, height, mpp=mpp, seed=seed, **layout)
+    if not slide_path.exists():
+        write_slide(slide_path, width, height, tissue.render, mpp=mpp)
+    if not regions_path.exists():
+        labels = cv2.connectedComponents(tissue.lesion_mask(REGIONS_MPP / mpp).astype(np.uint8))[1]
+        tmp = regions_path.with_name(regions_path.name + ".tmp.png")
+        cv2.imwrite(str(tmp), labels.astype(np.uint16))
+        tmp.replace(regions_path)
+
+
+def write_cohort(
+    out_dir: str | Path,
+    n: int = 60,
+    *,
+    seed: int = 0,
+    width: int = 20480,
+    height: int = 16384,
+    mpp: float = 0.5,
+    n_classes: int = 3,
+    lesions: tuple[int, int] = (2, 4),
+    splits: tuple[float, float, float] = (0.6, 0.2, 0.2),
+    jobs: int = 1,
+) -> list[dict]:
+    """Write a labelled cohort of lesion slides where only high magnification tells the classes apart.
+
+    Every slide has tissue and a few lesions, denser than the tissue around them and so visible
+    at 1.25x in every class. The class (:data:`GRADE_NAMES`) sets the size and shape of the
+    nuclei inside the lesions only; their hematoxylin area share is the same in every class, so
+    below about 3 um/px (1.25x reads at 8) the classes look identical.
+
+    Writes ``slides/<slide_id>.svs``, ``regions/<slide_id>.png`` (16-bit labels of the lesions
+    at :data:`REGIONS_MPP` um/px, 0 = none), ``labels.csv`` (slide_id,label) and ``splits.csv``
+    (slide_id,split, stratified). Existing slides are kept, so a run can be resumed.
+
+    Returns
+    -------
+    list of dict
+        One row per slide: slide_id, path, label, split, seed.
+    """
+    if not 2 <= n_classes <= len(GRADES):
+        raise ValueError(f"n_classes must lie in 2..{len(GRADES)}")
+    out = Path(out_dir)
+    (out / "slides").mkdir(parents=True, exist_ok=True)
+    (out / "regions").mkdir(exist_ok=True)
+    rng = np.random.default_rng(seed)
+    grades = [0, len(GRADES) - 1] if n_classes == 2 else list(range(n_classes))
+    rows, jobs_list = [], []
+    for index in range(n):
+        grade = grades[index % n_classes]
+        slide_seed = seed * 100_003 + index
+        layout = dict(n_lesions=int(rng.integers(lesions[0], lesions[1] + 1)), grade=grade,
+                      tissue_fraction=float(rng.uniform(0.3, 0.45)), n_blobs=int(rng.integers(2, 5)))
+        slide_id = f"cohort_{index:03d}"
+        path = out / "slides" / f"{slide_id}.svs"
+        rows.append({"slide_id": slide_id, "path": str(path), "label": GRADE_NAMES[grade], "seed": slide_seed})
+        jobs_list.append((path, out / "regions" / f"{slide_id}.png", width, height, slide_seed, mpp, layout))
+    for label in {r["label"] for r in rows}:
+        members = [r for r in rows if r["label"] == label]
+        order = rng.permutation(len(members))
+        n_train = round(splits[0] * len(members))
+        n_val = round(splits[1] * len(members))
+        for rank, i in enumerate(order):
+            members[i]["split"] = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
+    if jobs > 1:
+        from multiprocessing import get_context
+
+        with get_context("spawn").Pool(jobs) as pool:
+            list(pool.imap_unordered(_cohort_slide, jobs_list))
+    else:
+        for job in jobs_list:
+            _cohort_slide(job)
+    for name, column in (("labels.csv", "label"), ("splits.csv", "split")):
+        (out / name).write_text("slide_id," + column + "\n" + "".join(f"{r['slide_id']},{r[column]}\n" for r in rows))
+    return rows

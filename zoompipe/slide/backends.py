@@ -19,7 +19,10 @@ def _on_white(pixels: np.ndarray) -> np.ndarray:
     """Composite RGBA on white: OpenSlide marks pixels outside scanned areas as transparent."""
     if pixels.shape[-1] == 3:
         return pixels
-    alpha = pixels[..., 3:4].astype(np.uint16)
+    alpha = pixels[..., 3:4]
+    if alpha.min() == 255:  # the common case inside a scan: nothing to blend
+        return pixels[..., :3]
+    alpha = alpha.astype(np.uint16)
     rgb = pixels[..., :3].astype(np.uint16)
     return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
 

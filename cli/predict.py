@@ -1,0 +1,74 @@
+"""``zoompipe predict`` and ``zoompipe heatmap``: raw slides to diagnoses and attention maps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from zoompipe.engine import ZoomPredictor
+from zoompipe.heatmap import write_heatmaps
+from zoompipe.predict import demo_run_dir, predict_slides, profile_table, read_prediction
+from zoompipe.slide import open_slide
+
+
+@click.command("predict")
+@click.argument("slides", nargs=-1, required=True, type=click.Path())
+@click.option("--model", "run_dir", type=click.Path(file_okay=False), default=None,
+              help="Run folder of `zoompipe train` [default: the demo model shipped with zoompipe].")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="predictions",
+              help="Folder for <slide_id>.json, heatmaps, GeoJSON and predictions.csv.")
+@click.option("--heatmap", is_flag=True, help="Write attention heatmap PNGs.")
+@click.option("--geojson", is_flag=True, help="Write the attended regions as GeoJSON (QuPath).")
+@click.option("--profile", is_flag=True, help="Print seconds per stage and patches per magnification.")
+@click.option("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None,
+              help="Encoder precision [default: the one the training features used].")
+@click.option("--encoder-weights", type=click.Path(dir_okay=False), default=None,
+              help="Encoder weights file, for encoders whose weights do not ship with zoompipe.")
+@click.option("--batch-size", type=int, default=32, help="Patches per encoder batch.")
+@click.option("--workers", type=int, default=2, help="Patch reader threads.")
+@click.option("--backend", type=click.Choice(["auto", "openslide", "tiffslide"]), default="auto", help="Slide library.")
+@click.option("--mpp", type=float, default=None, help="Level-0 microns per pixel for slides that lack it.")
+@click.option("--mpp-csv", type=click.Path(dir_okay=False), default=None, help="CSV slide_id,mpp of per-slide overrides.")
+def predict_command(slides, run_dir, out_dir, heatmap, geojson, profile, device, precision, encoder_weights,
+                    batch_size, workers, backend, mpp, mpp_csv) -> None:
+    """Classify raw SLIDES, reading high magnifications only where the model zooms.
+
+    Prints the predicted class and probabilities of every slide and writes OUT/<slide_id>.json
+    (probabilities; per magnification the patches embedded, their level-0 boxes, attention and
+    the ones zoomed into; timings). A failing slide gets a one-line error and the others go on;
+    the exit status is 1 if any slide failed.
+    """
+    if run_dir is None:
+        run_dir = demo_run_dir()
+        click.echo(f"using the demo model ({run_dir}); it was trained on synthetic slides", err=True)
+    predictor = ZoomPredictor(run_dir, device=device, precision=precision, encoder_weights=encoder_weights,
+                              batch_size=batch_size, workers=workers)
+    outcomes = predict_slides(slides, predictor, out_dir, heatmap=heatmap, geojson=geojson, mpp=mpp,
+                              mpp_csv=mpp_csv, backend=backend, progress=profile)
+    for outcome in outcomes:
+        p = outcome.prediction
+        if p is None:
+            click.echo(f"error: {outcome.error}", err=True)
+            continue
+        probabilities = ", ".join(f"{c} {v:.3f}" for c, v in zip(p.class_names, p.probabilities))
+        click.echo(f"{p.slide_id}: {p.predicted}  ({probabilities})")
+        if profile:
+            click.echo(profile_table(p))
+    if any(o.prediction is None for o in outcomes):
+        raise SystemExit(1)
+
+
+@click.command("heatmap")
+@click.argument("prediction", type=click.Path(dir_okay=False))
+@click.argument("slide", type=click.Path())
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Output folder [default: beside PREDICTION].")
+@click.option("--max-side", type=int, default=2048, help="Longest side of the heatmap thumbnail in pixels.")
+def heatmap_command(prediction, slide, out_dir, max_side) -> None:
+    """Redraw the heatmaps of a saved PREDICTION (<slide_id>.json of `zoompipe predict`) on SLIDE."""
+    result = read_prediction(prediction)
+    with open_slide(slide, mpp=result.slide_mpp) as handle:
+        for path in write_heatmaps(result, handle, out_dir or Path(prediction).parent, max_side=max_side):
+            click.echo(str(path))

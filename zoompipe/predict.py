@@ -1,0 +1,135 @@
+"""``zoompipe predict``: many slides through the zooming engine, with their outputs.
+
+Per slide: ``<slide_id>.json`` (the :class:`~zoompipe.engine.Prediction`), optionally heatmap
+PNGs and a GeoJSON of the attended regions; for the batch, ``predictions.csv``. A failing slide
+is reported and the others go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+from .engine import Prediction, ZoomPredictor
+from .errors import CheckpointError, ZoompipeError
+from .heatmap import write_heatmaps
+from .qc import write_geojson
+from .slide import load_mpp_overrides, open_slide
+
+DEMO_MODEL = "demo_model"
+
+
+def demo_run_dir() -> Path:
+    """The small demo run that ships inside the package (trained on synthetic slides)."""
+    path = Path(str(resources.files("zoompipe") / DEMO_MODEL))
+    if not (path / "config.json").exists():
+        raise CheckpointError("no --model given and the demo model is not installed with this zoompipe")
+    return path
+
+
+def regions_geojson(prediction: Prediction) -> dict:
+    """Every attended patch as a QuPath annotation, with its magnification, attention and selection."""
+    features = []
+    for report in prediction.magnifications:
+        chosen = set(report.selected.tolist())
+        for index, ((x0, y0, x1, y1), attention) in enumerate(zip(report.boxes.tolist(), report.attention)):
+            features.append({
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
+                "properties": {
+                    "objectType": "annotation",
+                    "classification": {"name": f"{report.magnification:g}x"},
+                    "magnification": report.magnification,
+                    "attention": float(attention),
+                    "zoomed": index in chosen,
+                },
+            })
+    return {"type": "FeatureCollection", "features": features}
+
+
+def write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def read_prediction(path: str | Path) -> Prediction:
+    """Load a prediction JSON written by ``zoompipe predict``."""
+    try:
+        return Prediction.from_dict(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ZoompipeError(f"{path}: not a zoompipe prediction ({' '.join(str(err).split())})") from None
+
+
+@dataclass
+class PredictOutcome:
+    """One slide of a batch: its prediction, or the one-line reason it failed."""
+
+    path: Path
+    prediction: Prediction | None = None
+    error: str = ""
+
+
+def predict_slides(paths: Sequence[str | Path], predictor: ZoomPredictor, out_dir: str | Path | None = None,
+                   heatmap: bool = False, geojson: bool = False, mpp: float | None = None,
+                   mpp_csv: str | None = None, backend: str = "auto", progress: bool = False) -> list[PredictOutcome]:
+    """Predict every slide, writing its outputs to ``out_dir`` when given; go on past failures."""
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    overrides = load_mpp_overrides(mpp_csv) if mpp_csv else {}
+    outcomes = []
+    for path in map(Path, paths):
+        try:
+            prediction = predictor.predict(path, mpp=overrides.get(path.stem, mpp), backend=backend,
+                                           progress=progress)
+            if out is not None:
+                write_json(out / f"{prediction.slide_id}.json", prediction.to_dict())
+                if geojson:
+                    write_geojson(out / f"{prediction.slide_id}_regions.geojson", regions_geojson(prediction))
+                if heatmap:
+                    with open_slide(path, backend=backend, mpp=prediction.slide_mpp) as slide:
+                        write_heatmaps(prediction, slide, out)
+            outcomes.append(PredictOutcome(path, prediction))
+        except ZoompipeError as err:
+            outcomes.append(PredictOutcome(path, error=str(err)))
+    if out is not None and len(outcomes) > 1:
+        write_predictions_csv(out / "predictions.csv", outcomes, predictor.class_names)
+    return outcomes
+
+
+def write_predictions_csv(path: Path, outcomes: Sequence[PredictOutcome], class_names: Sequence[str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["slide_id", "path", "status", "predicted", *(f"p_{c}" for c in class_names),
+                         "patches_embedded", "seconds", "error"])
+        for o in outcomes:
+            p = o.prediction
+            if p is None:
+                writer.writerow([o.path.stem, str(o.path), "failed", "", *([""] * len(class_names)), "", "", o.error])
+            else:
+                writer.writerow([p.slide_id, str(o.path), "ok", p.predicted, *(f"{v:.6f}" for v in p.probabilities),
+                                 p.patches_embedded, f"{p.timings.get('total', 0):.3f}", ""])
+    os.replace(tmp, path)
+
+
+def profile_table(prediction: Prediction) -> str:
+    """Seconds per stage and patches per magnification, against a full read of the top magnification."""
+    lines = [f"{'stage':<16}{'seconds':>10}{'patches':>10}"]
+    lines.append(f"{'tissue + grid':<16}{prediction.timings.get('tissue', 0):>10.3f}{'':>10}")
+    for report in prediction.magnifications:
+        lines.append(f"{'embed ' + format(report.magnification, 'g') + 'x':<16}{report.seconds:>10.3f}"
+                     f"{report.patches_embedded:>10}")
+    lines.append(f"{'model':<16}{prediction.timings.get('model', 0):>10.3f}{'':>10}")
+    lines.append(f"{'total':<16}{prediction.timings.get('total', 0):>10.3f}{prediction.patches_embedded:>10}")
+    top = prediction.magnifications[-1].magnification
+    ratio = prediction.full_read_patches / max(prediction.patches_embedded, 1)
+    lines.append(f"a full read at {top:g}x would embed {prediction.full_read_patches} patches "
+                 f"({ratio:.1f}x the patches embedded here)")
+    return "\n".join(lines)
