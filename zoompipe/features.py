@@ -20,7 +20,6 @@ one magnification.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -29,6 +28,7 @@ import h5py
 import numpy as np
 
 from . import __version__
+from .atomic import atomic_path
 from .errors import FeatureFileError
 from .grid import PatchGrid
 
@@ -69,29 +69,23 @@ def write_feature_file(path: str | Path, attrs: dict, grids: Sequence[PatchGrid]
                        features: Sequence[np.ndarray]) -> None:
     """Write a feature file under a temporary name, then rename it.
 
-    An interrupted write leaves ``<name>.tmp`` behind, never a file that looks complete.
+    An interrupted write leaves no file that looks complete (:func:`zoompipe.atomic.atomic_path`).
     """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            for key, value in {**attrs, "zoompipe_version": __version__,
-                               "magnifications": [g.magnification for g in grids]}.items():
-                f.attrs[key] = json.dumps(value) if isinstance(value, dict) else value
-            for grid, feats in zip(grids, features):
-                if len(feats) != len(grid):
-                    raise ValueError(f"{len(feats)} feature rows for {len(grid)} patches at {grid.magnification}x")
-                g = f.create_group(group_name(grid.magnification))
-                g.create_dataset("coords", data=grid.coords.astype(np.int64))
-                g.create_dataset("features", data=np.asarray(feats, np.float32), chunks=True)
-                g.create_dataset("parent", data=grid.parent.astype(np.int64))
-                g.create_dataset("cells", data=grid.cells.astype(np.int64))
-                g.create_dataset("tissue", data=grid.tissue.astype(np.float32))
-                g.attrs.update(magnification=grid.magnification, mpp=grid.mpp, patch_size=grid.patch_size,
-                               patch_size_level0=grid.patch_size_level0)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for key, value in {**attrs, "zoompipe_version": __version__,
+                           "magnifications": [g.magnification for g in grids]}.items():
+            f.attrs[key] = json.dumps(value) if isinstance(value, dict) else value
+        for grid, feats in zip(grids, features):
+            if len(feats) != len(grid):
+                raise ValueError(f"{len(feats)} feature rows for {len(grid)} patches at {grid.magnification}x")
+            g = f.create_group(group_name(grid.magnification))
+            g.create_dataset("coords", data=grid.coords.astype(np.int64))
+            g.create_dataset("features", data=np.asarray(feats, np.float32), chunks=True)
+            g.create_dataset("parent", data=grid.parent.astype(np.int64))
+            g.create_dataset("cells", data=grid.cells.astype(np.int64))
+            g.create_dataset("tissue", data=grid.tissue.astype(np.float32))
+            g.attrs.update(magnification=grid.magnification, mpp=grid.mpp, patch_size=grid.patch_size,
+                           patch_size_level0=grid.patch_size_level0)
 
 
 def read_feature_file(path: str | Path, magnifications: Sequence[float] | None = None,

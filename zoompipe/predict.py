@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
+from .atomic import atomic_path, write_text
 from .engine import Prediction, ZoomPredictor
 from .errors import CheckpointError, ZoompipeError
 from .heatmap import write_heatmaps
@@ -52,12 +52,6 @@ def regions_geojson(prediction: Prediction) -> dict:
     return {"type": "FeatureCollection", "features": features}
 
 
-def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def read_prediction(path: str | Path) -> Prediction:
     """Load a prediction JSON written by ``zoompipe predict``."""
     try:
@@ -89,7 +83,7 @@ def predict_slides(paths: Sequence[str | Path], predictor: ZoomPredictor, out_di
             prediction = predictor.predict(path, mpp=overrides.get(path.stem, mpp), backend=backend,
                                            progress=progress)
             if out is not None:
-                write_json(out / f"{prediction.slide_id}.json", prediction.to_dict())
+                write_text(out / f"{prediction.slide_id}.json", json.dumps(prediction.to_dict(), indent=1) + "\n")
                 if geojson:
                     write_geojson(out / f"{prediction.slide_id}_regions.geojson", regions_geojson(prediction))
                 if heatmap:
@@ -104,8 +98,7 @@ def predict_slides(paths: Sequence[str | Path], predictor: ZoomPredictor, out_di
 
 
 def write_predictions_csv(path: Path, outcomes: Sequence[PredictOutcome], class_names: Sequence[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as handle:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["slide_id", "path", "status", "predicted", *(f"p_{c}" for c in class_names),
                          "patches_embedded", "seconds", "error"])
@@ -116,7 +109,6 @@ def write_predictions_csv(path: Path, outcomes: Sequence[PredictOutcome], class_
             else:
                 writer.writerow([p.slide_id, str(o.path), "ok", p.predicted, *(f"{v:.6f}" for v in p.probabilities),
                                  p.patches_embedded, f"{p.timings.get('total', 0):.3f}", ""])
-    os.replace(tmp, path)
 
 
 def profile_table(prediction: Prediction) -> str:

@@ -13,7 +13,6 @@ A slide whose three files exist is skipped; a failing slide is recorded and the 
 from __future__ import annotations
 
 import csv
-import os
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,7 @@ from typing import Iterable, Sequence
 
 from tqdm import tqdm
 
+from .atomic import atomic_path
 from .embed import embed_patches
 from .encoders import DEFAULT_ENCODER, Encoder, create_encoder
 from .errors import SlideError, ZoompipeError
@@ -166,14 +166,11 @@ def read_status(out_dir: Path) -> dict[str, SlideStatus]:
 
 
 def write_status(out_dir: Path, rows: dict[str, SlideStatus]) -> None:
-    path = out_dir / "status.csv"
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as handle:
+    with atomic_path(out_dir / "status.csv") as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=STATUS_FIELDS)
         writer.writeheader()
         for row in rows.values():
             writer.writerow({**asdict(row), "seconds": f"{row.seconds:.2f}"})
-    os.replace(tmp, path)
 
 
 def preprocess_slides(inputs: Sequence[str | Path], out_dir: str | Path, config: PreprocessConfig,

@@ -6,13 +6,13 @@ the tissue as GeoJSON that QuPath opens. Files are written atomically (temporary
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import cv2
 import numpy as np
+
+from .atomic import write_bytes
 
 if TYPE_CHECKING:  # tissue imports this module at run time
     from .grid import PatchGrid
@@ -53,21 +53,9 @@ def tissue_geojson(mask: TissueMask) -> dict:
     return {"type": "FeatureCollection", "features": features}
 
 
-def _write_atomic(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    # A unique name beside the target: same file system for os.replace, no clash between writers.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_geojson(path: str | Path, obj: Any) -> None:
     """Write a JSON-serialisable object (e.g. :func:`tissue_geojson`) atomically."""
-    _write_atomic(path, json.dumps(obj).encode())
+    write_bytes(path, json.dumps(obj).encode())
 
 
 def write_png(path: str | Path, rgb: np.ndarray) -> None:
@@ -75,7 +63,7 @@ def write_png(path: str | Path, rgb: np.ndarray) -> None:
     ok, data = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))
     if not ok:
         raise ValueError(f"cannot encode a {rgb.shape} {rgb.dtype} array as PNG")
-    _write_atomic(path, data.tobytes())
+    write_bytes(path, data.tobytes())
 
 
 def _to_pixels(level0: np.ndarray, scale: float) -> np.ndarray:

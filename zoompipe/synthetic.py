@@ -18,6 +18,8 @@ import cv2
 import numpy as np
 import tifffile
 
+from .atomic import atomic_path, write_bytes, write_text
+
 #: ``render(downsample, x, y, width, height)`` returns the (height, width, 3) uint8 RGB box
 #: whose top-left pixel is (x, y) in the coordinates of the level with that downsample.
 Renderer = Callable[[float, int, int, int, int], np.ndarray]
@@ -145,8 +147,7 @@ def write_slide(
         per_cm = 1e4 / (mpp * downsample)
         return dict(resolution=(per_cm, per_cm), resolutionunit="CENTIMETER")
 
-    tmp = Path(str(path) + ".part")
-    with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tif:
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tif:
         for index, (downsample, size) in enumerate(zip(downsamples, sizes)):
             tif.write(
                 _tiles(render, downsample, size, tile),
@@ -163,7 +164,6 @@ def write_slide(
                 thumb_size = _level_size(width, height, scale)
                 thumb = render(scale, 0, 0, *thumb_size)
                 tif.write(thumb, description=description(thumb_size, True), rowsperstrip=16, **options)
-    tmp.replace(path)
     return sizes
 
 
@@ -442,9 +442,7 @@ def _cohort_slide(job: tuple[Path, Path, int, int, int, float, dict]) -> None:
         write_slide(slide_path, width, height, tissue.render, mpp=mpp)
     if not regions_path.exists():
         labels = cv2.connectedComponents(tissue.lesion_mask(REGIONS_MPP / mpp).astype(np.uint8))[1]
-        tmp = regions_path.with_name(regions_path.name + ".tmp.png")
-        cv2.imwrite(str(tmp), labels.astype(np.uint16))
-        tmp.replace(regions_path)
+        write_bytes(regions_path, cv2.imencode(".png", labels.astype(np.uint16))[1].tobytes())
 
 
 def write_cohort(
@@ -509,5 +507,5 @@ def write_cohort(
         for job in jobs_list:
             _cohort_slide(job)
     for name, column in (("labels.csv", "label"), ("splits.csv", "split")):
-        (out / name).write_text("slide_id," + column + "\n" + "".join(f"{r['slide_id']},{r[column]}\n" for r in rows))
+        write_text(out / name, "slide_id," + column + "\n" + "".join(f"{r['slide_id']},{r[column]}\n" for r in rows))
     return rows

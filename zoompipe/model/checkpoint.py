@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from zoompipe import __version__
+from zoompipe.atomic import atomic_path, write_text
 from zoompipe.errors import CheckpointError
 from zoompipe.model.zoommil import ZoomMIL, ZoomMILConfig
 
@@ -76,11 +76,9 @@ def save_run(
         "zoompipe_version": __version__,
     }
     weights = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
-    _write_atomic(run_dir / WEIGHTS_NAME, lambda tmp: save_file(weights, str(tmp)))
-    _write_atomic(
-        run_dir / CONFIG_NAME,
-        lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"),
-    )
+    with atomic_path(run_dir / WEIGHTS_NAME) as tmp:
+        save_file(weights, str(tmp))
+    write_text(run_dir / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return run_dir
 
 
@@ -128,20 +126,6 @@ def load_run(
     _check_shapes(weights, model, run_dir)
     model.load_state_dict(weights)
     return model.to(device).eval(), config
-
-
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    # Write beside the target, then rename: a crash never leaves a half-written file behind
-    # under the real name, and readers see either the old or the new file.
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _require_file(path: Path) -> None:
