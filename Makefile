@@ -17,9 +17,11 @@ $(STAMP): setup.cfg setup.py constraints.txt
 	$(BIN)/python -c "import zoompipe.cli.main, torch, openslide, tiffslide"
 	touch $(STAMP)
 
+# Three synthetic slides (normal, atypical, malignant) through the zooming engine with the demo model.
 demo: $(STAMP)
-	$(BIN)/zoompipe synth $(DEMO_DIR) --n 1 --width 16384 --height 12288
-	$(BIN)/zoompipe info $(DEMO_DIR)/synthetic_000.svs
+	$(BIN)/zoompipe synth $(DEMO_DIR) --n 3 --width 20480 --height 16384 --seed 7 --jobs 2
+	$(BIN)/zoompipe predict $(DEMO_DIR)/slides/*.svs --out $(DEMO_DIR)/predictions --heatmap --profile
+	@echo "heatmaps: $(DEMO_DIR)/predictions/*_panel.png"
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest

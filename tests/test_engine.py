@@ -110,8 +110,8 @@ def test_heatmaps_have_thumbnail_size_and_change_only_tissue(preprocessed, tmp_p
         changed = (overlay != thumb).any(axis=-1)
         assert changed.any() and not (changed & ~tissue).any()
     assert images["zoom"].shape == thumb.shape and (images["zoom"] != thumb).any()
-    # The panel puts zoom + 3 overlays side by side within about MAX_SIDE pixels, plus a colour bar.
-    assert images["panel"].shape[1] <= 2048 + 4 * 4 + 60 and images["panel"].shape[0] > 100
+    # The panel shows zoom + 3 overlays in two columns within about MAX_SIDE pixels, plus a colour bar.
+    assert images["panel"].shape[1] <= 2048 + 2 * 4 + 60 and images["panel"].shape[0] > thumb.shape[0] // 2
 
 
 def test_predict_command_writes_json_heatmaps_and_reports_bad_slides(preprocessed, tmp_path):
@@ -135,3 +135,30 @@ def test_predict_command_writes_json_heatmaps_and_reports_bad_slides(preprocesse
     redraw = CliRunner().invoke(cli, ["heatmap", str(out / "lesion.json"), str(slide), "--out", str(tmp_path / "re")])
     assert redraw.exit_code == 0, redraw.output
     assert (tmp_path / "re" / "lesion_zoom.png").exists()
+
+
+def test_predict_real_aperio_slide_with_the_demo_model(cmu_slide, tmp_path):
+    result = CliRunner().invoke(cli, ["predict", str(cmu_slide), "--out", str(tmp_path), "--heatmap"])
+    assert result.exit_code == 0, result.output
+    assert "using the demo model" in result.output
+    prediction = read_prediction(tmp_path / "CMU-1-Small-Region.json")
+    assert prediction.slide_dimensions == (2220, 2967) and prediction.slide_mpp == pytest.approx(0.499)
+    assert abs(sum(prediction.probabilities) - 1) < 1e-5
+    # Every box read at a magnification lies inside a box zoomed into at the one below (level-0 px).
+    for low, high in zip(prediction.magnifications, prediction.magnifications[1:]):
+        chosen = low.boxes[low.selected]
+        inside = ((high.boxes[:, None, :2] >= chosen[None, :, :2]) & (high.boxes[:, None, 2:] <= chosen[None, :, 2:]))
+        assert inside.all(axis=-1).any(axis=1).all()
+    assert prediction.magnifications[0].boxes[:, :2].min() == 0
+    assert cv2.imread(str(tmp_path / "CMU-1-Small-Region_panel.png")) is not None
+
+
+def test_predict_refuses_a_pickled_checkpoint_in_one_line(tmp_path):
+    run = tmp_path / "run"
+    model = ZoomMIL(ZoomMILConfig(in_dim=1280, n_classes=2, magnifications=[1.25], hidden=8, attn_hidden=4))
+    save_run(run, model, ["a", "b"], {"patch_size": 256})
+    torch.save(model.state_dict(), run / "model.safetensors")  # a pickle under the safetensors name
+    result = CliRunner().invoke(cli, ["predict", "whatever.svs", "--model", str(run)])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: ") and "pickle" in result.output
+    assert len(result.output.strip().splitlines()) == 1

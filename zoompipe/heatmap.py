@@ -97,7 +97,7 @@ def colour_bar(height: int, width: int = 60) -> np.ndarray:
 
 def _titled(image: np.ndarray, title: str) -> np.ndarray:
     band = np.full((28, image.shape[1], 3), 255, np.uint8)
-    cv2.putText(band, title, (6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(band, title, (6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
     return np.concatenate([band, image])
 
 
@@ -124,14 +124,18 @@ def render_heatmaps(prediction: Prediction, slide: Slide, max_side: int = MAX_SI
     tiles = [_titled(images["zoom"], f"{prediction.slide_id}: {prediction.predicted} ({probability:.2f})")]
     tiles += [_titled(images[f"attention_{r.magnification:g}x"], f"attention {r.magnification:g}x "
                       f"({r.patches_embedded} patches)") for r in prediction.magnifications]
-    # Keep the panel near max_side wide whatever the number of magnifications.
-    shrink = min(1.0, max_side / (thumbnail.shape[1] * len(tiles)))
+    # Two columns, so the panel stays about max_side wide and each image stays readable.
+    columns = min(2, len(tiles))
+    shrink = min(1.0, max_side / (thumbnail.shape[1] * columns))
     if shrink < 1:
         tiles = [cv2.resize(t, (max(1, math.floor(t.shape[1] * shrink)), max(1, math.floor(t.shape[0] * shrink))),
                             interpolation=cv2.INTER_AREA) for t in tiles]
-    height = max(t.shape[0] for t in tiles)
-    tiles = [np.pad(t, ((0, height - t.shape[0]), (0, 4), (0, 0)), constant_values=255) for t in tiles]
-    images["panel"] = np.concatenate(tiles + [colour_bar(height)], axis=1)
+    height, width = max(t.shape[0] for t in tiles), max(t.shape[1] for t in tiles)
+    tiles = [np.pad(t, ((0, height - t.shape[0] + 4), (0, width - t.shape[1] + 4), (0, 0)), constant_values=255)
+             for t in tiles]
+    tiles += [np.full_like(tiles[0], 255)] * (-len(tiles) % columns)
+    grid = np.concatenate([np.concatenate(tiles[i:i + columns], axis=1) for i in range(0, len(tiles), columns)])
+    images["panel"] = np.concatenate([grid, colour_bar(grid.shape[0])], axis=1)
     return images
 
 

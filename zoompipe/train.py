@@ -93,6 +93,8 @@ def train_model(
     n_folds: int = 5,
     magnifications: Sequence[float] | None = None,
     k: int = 12,
+    hidden: int = 512,
+    attn_hidden: int = 256,
     epochs: int = 100,
     lr: float = 1e-4,
     weight_decay: float = 0.0,
@@ -126,6 +128,8 @@ def train_model(
         magnification trains plain attention MIL.
     k : int
         Patches to zoom into per step (capped at the bag size).
+    hidden, attn_hidden : int
+        Widths of the projected features and of the attention heads (512 and 256 in the paper).
     epochs : int
         Maximum number of epochs.
     lr, weight_decay : float
@@ -185,7 +189,8 @@ def train_model(
     val_set = subset("val", in_dim)
     pipeline = read_pipeline_metadata(first, mags)
 
-    config = ZoomMILConfig(in_dim=in_dim, n_classes=len(class_names), magnifications=mags, k=k)
+    config = ZoomMILConfig(in_dim=in_dim, n_classes=len(class_names), magnifications=mags, k=k, hidden=hidden,
+                           attn_hidden=attn_hidden)
     model = ZoomMIL(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.8, patience=5)

@@ -133,18 +133,23 @@ class Slide:
         x0, y0 = math.floor(lx + 1e-6), math.floor(ly + 1e-6)
         x1 = math.ceil(lx + width * factor - 1e-6)
         y1 = math.ceil(ly + height * factor - 1e-6)
-        box = np.full((y1 - y0, x1 - x0, 3), 255, np.uint8)
         level_w, level_h = self.level_dimensions[level]
         cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, level_w), min(y1, level_h)
+        pixels = None
         if cx1 > cx0 and cy1 > cy0:
             try:
                 pixels = self._backend.read(level, cx0, cy0, cx1 - cx0, cy1 - cy0)
             except Exception as err:  # every backend has its own error types
                 raise SlideError(f"{self.path.name}: cannot read level {level} at "
                                  f"({cx0}, {cy0}): {_one_line(err)}") from err
-            box[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] = pixels
+        if (cx0, cy0, cx1, cy1) == (x0, y0, x1, y1):
+            box = pixels  # inside the slide: no white canvas to paste into
+        else:
+            box = np.full((y1 - y0, x1 - x0, 3), 255, np.uint8)
+            if pixels is not None:
+                box[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] = pixels
         if box.shape[:2] == (height, width):
-            return box
+            return np.ascontiguousarray(box)
         shrink = box.shape[1] > width
         return cv2.resize(box, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
