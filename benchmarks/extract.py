@@ -11,7 +11,11 @@ Prints patches/s of both and their ratio (target: the whole path at >= 85% of th
 
 from __future__ import annotations
 
-import argparse
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the zoompipe CLI does (cli/main.py)
+
+import argparse  # noqa: E402
 import tempfile
 import time
 from pathlib import Path

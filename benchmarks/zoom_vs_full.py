@@ -24,9 +24,12 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the zoompipe CLI does (cli/main.py)
+
+import argparse  # noqa: E402
+import json
 import platform
 import subprocess
 import sys
