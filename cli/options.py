@@ -20,3 +20,28 @@ def parse_magnifications(ctx: click.Context, param: click.Parameter, value: str 
         if ratio <= 1 or abs(ratio - round(ratio)) > 1e-6:
             raise click.BadParameter(f"{high:g}/{low:g} is not an integer ratio above 1")
     return mags
+
+
+def _stack(*decorators):
+    def apply(func):
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+    return apply
+
+
+#: Where slides come from and how their resolution is known (preprocess, predict).
+slide_options = _stack(
+    click.option("--backend", type=click.Choice(["auto", "openslide", "tiffslide"]), default="auto",
+                 help="Slide library; auto prefers OpenSlide and falls back to tiffslide."),
+    click.option("--mpp", type=float, default=None, help="Level-0 microns per pixel for slides that lack it."),
+    click.option("--mpp-csv", type=click.Path(dir_okay=False), default=None,
+                 help="CSV slide_id,mpp of per-slide overrides."),
+)
+
+#: Where and how patches are embedded (preprocess, predict).
+compute_options = _stack(
+    click.option("--device", default="cpu", help="cpu, cuda, cuda:1 ..."),
+    click.option("--batch-size", type=int, default=32, help="Patches per encoder batch."),
+    click.option("--workers", type=int, default=2, help="Patch reader threads, each with its own slide handle."),
+)

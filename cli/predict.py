@@ -11,6 +11,8 @@ from zoompipe.heatmap import write_heatmaps
 from zoompipe.predict import demo_run_dir, predict_slides, profile_table, read_prediction
 from zoompipe.slide import open_slide
 
+from .options import compute_options, slide_options
+
 
 @click.command("predict")
 @click.argument("slides", nargs=-1, required=True, type=click.Path())
@@ -21,16 +23,12 @@ from zoompipe.slide import open_slide
 @click.option("--heatmap", is_flag=True, help="Write attention heatmap PNGs.")
 @click.option("--geojson", is_flag=True, help="Write the attended regions as GeoJSON (QuPath).")
 @click.option("--profile", is_flag=True, help="Print seconds per stage and patches per magnification.")
-@click.option("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+@compute_options
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None,
               help="Encoder precision [default: the one the training features used].")
 @click.option("--encoder-weights", type=click.Path(dir_okay=False), default=None,
               help="Encoder weights file, for encoders whose weights do not ship with zoompipe.")
-@click.option("--batch-size", type=int, default=32, help="Patches per encoder batch.")
-@click.option("--workers", type=int, default=2, help="Patch reader threads.")
-@click.option("--backend", type=click.Choice(["auto", "openslide", "tiffslide"]), default="auto", help="Slide library.")
-@click.option("--mpp", type=float, default=None, help="Level-0 microns per pixel for slides that lack it.")
-@click.option("--mpp-csv", type=click.Path(dir_okay=False), default=None, help="CSV slide_id,mpp of per-slide overrides.")
+@slide_options
 def predict_command(slides, run_dir, out_dir, heatmap, geojson, profile, device, precision, encoder_weights,
                     batch_size, workers, backend, mpp, mpp_csv) -> None:
     """Classify raw SLIDES, reading high magnifications only where the model zooms.

@@ -8,7 +8,7 @@ from zoompipe.encoders import DEFAULT_ENCODER, list_encoders
 from zoompipe.preprocess import PreprocessConfig, preprocess_slides
 from zoompipe.tissue import PRESETS, get_params
 
-from .options import parse_magnifications
+from .options import compute_options, parse_magnifications, slide_options
 
 
 @click.command("preprocess")
@@ -23,14 +23,10 @@ from .options import parse_magnifications
 @click.option("--mask-mpp", type=float, default=None, help="Resolution of the tissue mask [default: preset's].")
 @click.option("--encoder", default=DEFAULT_ENCODER, help=f"Patch encoder: {', '.join(list_encoders())}, timm:<name>.")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Encoder weights file (safetensors or torch).")
-@click.option("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+@compute_options
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
               help="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32.")
-@click.option("--batch-size", type=int, default=32, help="Patches per encoder batch.")
-@click.option("--workers", type=int, default=2, help="Patch reader threads.")
-@click.option("--backend", type=click.Choice(["auto", "openslide", "tiffslide"]), default="auto", help="Slide library.")
-@click.option("--mpp", type=float, default=None, help="Level-0 microns per pixel for slides that lack it.")
-@click.option("--mpp-csv", type=click.Path(dir_okay=False), default=None, help="CSV slide_id,mpp of per-slide overrides.")
+@slide_options
 @click.option("--overwrite", is_flag=True, help="Redo slides whose outputs exist.")
 def preprocess_command(slides, out_dir, magnifications, patch_size, min_tissue, tissue_preset, mask_mpp, encoder,
                        weights, device, precision, batch_size, workers, backend, mpp, mpp_csv, overwrite) -> None:
