@@ -21,6 +21,8 @@ from .options import compute_options, parse_magnifications, slide_options
 @click.option("--tissue-preset", type=click.Choice(sorted(PRESETS)), default="default",
               help="Tissue segmentation preset.")
 @click.option("--mask-mpp", type=float, default=None, help="Resolution of the tissue mask [default: preset's].")
+@click.option("--mask-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder of <slide_id>.geojson (QuPath) or <slide_id>.png tissue masks to use instead of segmenting.")
 @click.option("--encoder", default=DEFAULT_ENCODER, help=f"Patch encoder: {', '.join(list_encoders())}, timm:<name>.")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Encoder weights file (safetensors or torch).")
 @compute_options
@@ -28,8 +30,8 @@ from .options import compute_options, parse_magnifications, slide_options
               help="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32.")
 @slide_options
 @click.option("--overwrite", is_flag=True, help="Redo slides whose outputs exist.")
-def preprocess_command(slides, out_dir, magnifications, patch_size, min_tissue, tissue_preset, mask_mpp, encoder,
-                       weights, device, precision, batch_size, workers, backend, mpp, mpp_csv, overwrite) -> None:
+def preprocess_command(slides, out_dir, magnifications, patch_size, min_tissue, tissue_preset, mask_mpp, mask_dir,
+                       encoder, weights, device, precision, batch_size, workers, backend, mpp, mpp_csv, overwrite) -> None:
     """Segment tissue, tile every magnification of the cascade and embed every patch.
 
     SLIDES are slide files, folders (searched recursively) or CSVs with a slide_path column.
@@ -41,7 +43,8 @@ def preprocess_command(slides, out_dir, magnifications, patch_size, min_tissue, 
     config = PreprocessConfig(
         magnifications=magnifications, patch_size=patch_size, min_tissue=min_tissue,
         tissue=get_params(tissue_preset, **overrides), encoder=encoder, weights=weights, device=device,
-        precision=precision, batch_size=batch_size, workers=workers, backend=backend, mpp=mpp, mpp_csv=mpp_csv)
+        precision=precision, batch_size=batch_size, workers=workers, backend=backend, mpp=mpp, mpp_csv=mpp_csv,
+        mask_dir=mask_dir)
     results = preprocess_slides(slides, out_dir, config, overwrite=overwrite)
     for row in results:
         detail = row.error if row.status == "failed" else row.patches

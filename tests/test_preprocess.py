@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 
 import h5py
@@ -143,3 +144,16 @@ def test_write_feature_file_refuses_misaligned_rows(slides, tmp_path):
     with pytest.raises(ValueError):
         write_feature_file(tmp_path / "x.h5", {}, grids, [np.zeros((1, 4), np.float32)] * 2)
     assert not any(tmp_path.iterdir())
+
+
+def test_mask_drawn_in_qupath_replaces_segmentation(slides, tmp_path):
+    masks = tmp_path / "masks_in"
+    masks.mkdir()
+    # One rectangle in level-0 pixels over the top-left 2048 x 2048 px: only patches there remain.
+    ring = [[0, 0], [2048, 0], [2048, 2048], [0, 2048], [0, 0]]
+    (masks / "s1.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": {}}]}))
+    results = preprocess_slides([slides / "s1.svs"], tmp_path / "out", _config(mask_dir=str(masks)), progress=False)
+    assert [r.status for r in results] == ["ok"]
+    base = read_feature_file(tmp_path / "out" / "features" / "s1.h5", load_features=False).grids[0]
+    assert len(base) > 0 and (base.coords < 2048).all()

@@ -28,8 +28,8 @@ from .errors import SlideError, ZoompipeError
 from .features import group_name, write_feature_file
 from .grid import build_cascade
 from .qc import overview_mpp, qc_image, tissue_geojson, write_geojson, write_png
-from .slide import load_mpp_overrides, open_slide
-from .tissue import TissueParams, tissue_mask
+from .slide import Slide, load_mpp_overrides, open_slide
+from .tissue import TissueMask, TissueParams, mask_from_geojson, mask_from_png, tissue_mask
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
                     ".qptiff", ".dcm")
@@ -59,6 +59,9 @@ class PreprocessConfig:
         Level-0 mpp for every slide, overriding metadata.
     mpp_csv : str, optional
         ``slide_id,mpp`` per-slide overrides.
+    mask_dir : str, optional
+        Folder of tissue masks drawn by people, ``<slide_id>.geojson`` (QuPath) or
+        ``<slide_id>.png``; slides without one are segmented.
     """
 
     magnifications: list[float] = field(default_factory=lambda: [1.25, 2.5, 10.0])
@@ -74,6 +77,7 @@ class PreprocessConfig:
     backend: str = "auto"
     mpp: float | None = None
     mpp_csv: str | None = None
+    mask_dir: str | None = None
 
 
 @dataclass
@@ -127,7 +131,8 @@ def preprocess_slide(path: Path, out_dir: Path, config: PreprocessConfig, encode
     """Segment, tile and embed one slide; write its three files. Returns the patch counts."""
     with open_slide(path, backend=config.backend, mpp=mpp) as slide:
         thumbnail = slide.thumbnail(config.tissue.mask_mpp)
-        mask = tissue_mask(slide, config.tissue, thumbnail=thumbnail)
+        drawn = _user_mask(Path(config.mask_dir), slide, config.tissue.mask_mpp) if config.mask_dir else None
+        mask = drawn if drawn is not None else tissue_mask(slide, config.tissue, thumbnail=thumbnail)
         grids = build_cascade(mask, slide.mpp, config.magnifications, patch_size=config.patch_size,
                               min_tissue=config.min_tissue)
         features = [
@@ -154,6 +159,15 @@ def preprocess_slide(path: Path, out_dir: Path, config: PreprocessConfig, encode
     # The feature file goes last: its presence marks the slide as done.
     write_feature_file(paths["features"], attrs, grids, features)
     return ";".join(f"{group_name(g.magnification)}:{len(g)}" for g in grids)
+
+
+def _user_mask(folder: Path, slide: Slide, mask_mpp: float) -> TissueMask | None:
+    """``<slide_id>.geojson`` (QuPath export) or ``<slide_id>.png`` from ``folder``, if either exists."""
+    for suffix, reader in ((".geojson", mask_from_geojson), (".png", mask_from_png)):
+        path = folder / f"{slide.slide_id}{suffix}"
+        if path.exists():
+            return reader(path, slide, mask_mpp)
+    return None
 
 
 def read_status(out_dir: Path) -> dict[str, SlideStatus]:
