@@ -24,6 +24,7 @@ from .options import parse_magnifications
 @click.option("--k", type=int, default=12, help="Patches to zoom into per step (capped at the bag size).")
 @click.option("--hidden", type=int, default=512, help="Width of the projected patch features.")
 @click.option("--attn-hidden", type=int, default=256, help="Hidden width of the gated-attention heads.")
+@click.option("--sigma", type=float, default=0.05, help="Perturbed top-K noise on [0, 1]-scaled scores.")
 @click.option("--epochs", type=int, default=100, help="Maximum epochs.")
 @click.option("--lr", type=float, default=1e-4, help="Adam learning rate.")
 @click.option("--weight-decay", type=float, default=0.0, help="Adam weight decay.")
@@ -31,7 +32,7 @@ from .options import parse_magnifications
 @click.option("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
 @click.option("--patience", type=int, default=None, help="Stop after this many epochs without a better val F1.")
 @click.option("--cache/--no-cache", default=True, help="Keep feature bags in memory between epochs.")
-def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, magnifications, k, hidden, attn_hidden, epochs, lr,
+def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, magnifications, k, hidden, attn_hidden, sigma, epochs, lr,
                   weight_decay, seed, device, patience, cache) -> None:
     """Train ZoomMIL; keep the epoch with the best validation weighted F1.
 
@@ -40,7 +41,7 @@ def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, magnifica
     """
     summary = train_model(features_dir, labels_csv, out_dir, splits_csv=splits_csv, fold=fold,
                           magnifications=magnifications, k=k, hidden=hidden,
-                          attn_hidden=attn_hidden, epochs=epochs, lr=lr,
+                          attn_hidden=attn_hidden, sigma=sigma, epochs=epochs, lr=lr,
                           weight_decay=weight_decay, seed=seed, device=device, patience=patience,
                           cache=cache)
     click.echo(json.dumps(summary, indent=2))

@@ -95,6 +95,7 @@ def train_model(
     k: int = 12,
     hidden: int = 512,
     attn_hidden: int = 256,
+    sigma: float = 0.05,
     epochs: int = 100,
     lr: float = 1e-4,
     weight_decay: float = 0.0,
@@ -130,6 +131,9 @@ def train_model(
         Patches to zoom into per step (capped at the bag size).
     hidden, attn_hidden : int
         Widths of the projected features and of the attention heads (512 and 256 in the paper).
+    sigma : float
+        Noise of the perturbed top-K on [0, 1]-scaled scores: how far training explores beyond
+        the current top K.
     epochs : int
         Maximum number of epochs.
     lr, weight_decay : float
@@ -190,7 +194,7 @@ def train_model(
     pipeline = read_pipeline_metadata(first, mags)
 
     config = ZoomMILConfig(in_dim=in_dim, n_classes=len(class_names), magnifications=mags, k=k, hidden=hidden,
-                           attn_hidden=attn_hidden)
+                           attn_hidden=attn_hidden, sigma=sigma)
     model = ZoomMIL(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.8, patience=5)
