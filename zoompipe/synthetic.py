@@ -491,11 +491,13 @@ def write_cohort(
         path = out / "slides" / f"{slide_id}.svs"
         rows.append({"slide_id": slide_id, "path": str(path), "label": GRADE_NAMES[grade], "seed": slide_seed})
         jobs_list.append((path, out / "regions" / f"{slide_id}.png", width, height, slide_seed, mpp, layout))
-    for label in {r["label"] for r in rows}:
+    for label in sorted({r["label"] for r in rows}):  # sorted: set order changes between runs
         members = [r for r in rows if r["label"] == label]
         order = rng.permutation(len(members))
         n_train = round(splits[0] * len(members))
         n_val = round(splits[1] * len(members))
+        if n_train + n_val >= len(members) >= 3:  # small classes still get a test slide
+            n_train -= 1
         for rank, i in enumerate(order):
             members[i]["split"] = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
     if jobs > 1:
