@@ -226,14 +226,16 @@ class ZoomPredictor:
                 grids.append(grid)
                 return features
 
+            # Global rows of each embedded grid, ascending in grid order (see _descend), so a
+            # global row maps to its position in the grid by binary search.
             first, first_rows = self._descend(base, np.arange(len(base)), np.arange(len(base)), mags[0], mask)
-            row_of = [dict(zip(first_rows.tolist(), range(len(first_rows))))]
+            global_rows = [first_rows]
             h0 = embed_at(first)
 
             def fetch(step: int, parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                local = np.array([row_of[step][int(p)] for p in parents], np.int64)
+                local = np.searchsorted(global_rows[step], parents.numpy())
                 child, child_rows = self._descend(grids[step], local, parents.numpy(), mags[step + 1], mask)
-                row_of.append(dict(zip(child_rows.tolist(), range(len(child_rows)))))
+                global_rows.append(child_rows)
                 return embed_at(child), torch.from_numpy(child_rows)
 
             t_model = time.perf_counter()
@@ -247,7 +249,7 @@ class ZoomPredictor:
             reports = []
             for step, grid in enumerate(grids):
                 rows = out.rows[step].numpy()
-                local = np.array([row_of[step][int(r)] for r in rows], np.int64)
+                local = np.searchsorted(global_rows[step], rows)
                 selected = (np.searchsorted(rows, out.selected[step].numpy()) if step < len(out.selected)
                             else np.zeros(0, np.int64))
                 scores = (out.selection_scores[step].float().cpu().numpy() if step < len(out.selection_scores)
