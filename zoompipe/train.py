@@ -71,8 +71,10 @@ def train_one_epoch(
     total, count = 0.0, 0
     for index in order:
         bags, children, label = slides[index]
-        out = model([b.to(device) for b in bags], [c.to(device) for c in children])
+        out = model([b.to(device) for b in bags], [c.to(device) for c in children], label)
         loss = F.cross_entropy(out.logits[None], torch.tensor([label], device=device))
+        if out.aux_loss is not None:
+            loss = loss + out.aux_loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

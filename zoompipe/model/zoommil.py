@@ -108,6 +108,9 @@ class ZoomOutput:
     selection_scores : list of Tensor
         Per magnification but the last, the auxiliary head's raw scores over ``rows``; the
         ``selected`` rows are the top-K of these.
+    aux_loss : Tensor, optional
+        A training-only loss term, already weighted, that the training loop adds to the
+        cross-entropy (None when the model has none).
 
     Notes
     -----
@@ -120,6 +123,7 @@ class ZoomOutput:
     attention: list[Tensor] = field(default_factory=list)
     selected: list[Tensor] = field(default_factory=list)
     selection_scores: list[Tensor] = field(default_factory=list)
+    aux_loss: Tensor | None = None
 
     @property
     def probabilities(self) -> Tensor:
@@ -158,7 +162,9 @@ class ZoomMIL(nn.Module):
         self.classifier = nn.Linear(config.hidden, config.n_classes)
         self.select = PerturbedTopK(config.k, config.n_samples, config.sigma)
 
-    def forward(self, bags: list[Tensor], children: list[Tensor]) -> ZoomOutput:
+    def forward(
+        self, bags: list[Tensor], children: list[Tensor], label: int | None = None
+    ) -> ZoomOutput:
         """Classify a slide whose features are known at every patch of every magnification.
 
         Parameters
@@ -168,6 +174,8 @@ class ZoomMIL(nn.Module):
         children : list of Tensor
             Per magnification but the last, LongTensor (N_i, C_i) of the children's rows in
             ``bags[i + 1]``, -1 for padding.
+        label : int, optional
+            The slide's class, for models whose training loss needs it; ZoomMIL ignores it.
 
         Returns
         -------
