@@ -6,8 +6,15 @@ import json
 import click
 
 from zoompipe.train import train_model
+from zoompipe.train_defaults import DEFAULT_K, DEFAULT_MAX_GRAD_NORM
 
 from .options import parse_magnifications
+
+
+def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if value >= 1 and not value.is_integer():
+        raise click.BadParameter(f"{value:g} is neither a whole count nor a fraction in (0, 1)")
+    return value
 
 
 @click.command("train")
@@ -17,23 +24,35 @@ from .options import parse_magnifications
               help="CSV slide_id,label.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
 @click.option("--splits", "splits_csv", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="CSV slide_id,split (train/val/test) [default: seeded stratified 5-fold split].")
+              help="CSV slide_id,split (train/val/test) [default: a 5-fold split, stratified by class, "
+                   "grouped by the labels' optional patient_id column].")
 @click.option("--fold", type=int, default=None, help="Test fold of the generated split [default: 0].")
 @click.option("--magnifications", callback=parse_magnifications, default=None,
               help="Cascade to train on, e.g. 1.25,2.5,10; one value trains ABMIL [default: the files'].")
-@click.option("--k", type=int, default=12, help="Patches to zoom into per step (capped at the bag size).")
+@click.option("--k", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_K, callback=_check_k,
+              help="Patches to zoom into per step: a count >= 1, or a fraction in (0, 1) of each "
+                   "slide's base bag (0.125 = N/8; capped at the bag, at least 1).")
 @click.option("--hidden", type=int, default=512, help="Width of the projected patch features.")
 @click.option("--attn-hidden", type=int, default=256, help="Hidden width of the gated-attention heads.")
-@click.option("--sigma", type=float, default=0.05, help="Perturbed top-K noise on [0, 1]-scaled scores.")
+@click.option("--sigma", type=float, default=0.05,
+              help="Perturbed top-K noise on [0, 1]-scaled scores at the first epoch.")
+@click.option("--sigma-end", type=float, default=0.005, help="The noise at the last epoch (linear decay).")
+@click.option("--zoom-target-weight", type=click.FloatRange(min=0), default=1.0,
+              help="Weight of the zoom heads' target from the dense last magnification; 0 trains "
+                   "them through the perturbed top-K alone.")
+@click.option("--max-grad-norm", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MAX_GRAD_NORM,
+              help="Clip each step's gradient norm to this value.")
 @click.option("--epochs", type=int, default=100, help="Maximum epochs.")
 @click.option("--lr", type=float, default=1e-4, help="Adam learning rate.")
 @click.option("--weight-decay", type=float, default=0.0, help="Adam weight decay.")
-@click.option("--seed", type=int, default=0, help="Seed of the split, initialisation, sampling and noise.")
+@click.option("--seed", type=int, default=0, help="Seed of the initialisation, sampling and noise.")
+@click.option("--split-seed", type=int, default=0, help="Seed of the generated split.")
 @click.option("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
 @click.option("--patience", type=int, default=None, help="Stop after this many epochs without a better val F1.")
 @click.option("--cache/--no-cache", default=True, help="Keep feature bags in memory between epochs.")
-def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, magnifications, k, hidden, attn_hidden, sigma, epochs, lr,
-                  weight_decay, seed, device, patience, cache) -> None:
+def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, magnifications, k, hidden, attn_hidden, sigma,
+                  sigma_end, zoom_target_weight, max_grad_norm, epochs, lr, weight_decay, seed, split_seed, device,
+                  patience, cache) -> None:
     """Train ZoomMIL; keep the epoch with the best validation weighted F1.
 
     Writes OUT/model.safetensors and OUT/config.json (best epoch), OUT/splits.csv, OUT/log.csv and
@@ -41,7 +60,9 @@ def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, magnifica
     """
     summary = train_model(features_dir, labels_csv, out_dir, splits_csv=splits_csv, fold=fold,
                           magnifications=magnifications, k=k, hidden=hidden,
-                          attn_hidden=attn_hidden, sigma=sigma, epochs=epochs, lr=lr,
-                          weight_decay=weight_decay, seed=seed, device=device, patience=patience,
+                          attn_hidden=attn_hidden, sigma=sigma, sigma_end=sigma_end,
+                          zoom_target_weight=zoom_target_weight, max_grad_norm=max_grad_norm,
+                          epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed,
+                          split_seed=split_seed, device=device, patience=patience,
                           cache=cache)
     click.echo(json.dumps(summary, indent=2))

@@ -70,8 +70,8 @@ def test_forward_is_mean_of_sorted_hard_selections() -> None:
 def test_eval_mode_is_hard_topk_sorted_by_position() -> None:
     torch.manual_seed(0)
     scores = torch.randn(4, 20)
-    select = PerturbedTopK(k=5).eval()
-    selector = select(scores)
+    select = PerturbedTopK().eval()
+    selector = select(scores, 5)
     expected = torch.topk(scores, 5, dim=-1).indices.sort(dim=-1).values
     assert torch.equal(selector.argmax(dim=-1), expected)
     assert torch.equal(selector.sum(dim=-1), torch.ones(4, 5))
@@ -81,15 +81,14 @@ def test_k_is_capped_and_masked_entries_are_never_selected() -> None:
     torch.manual_seed(0)
     scores = torch.randn(1, 8, requires_grad=True)
     mask = torch.tensor([[True, False, True, True, False, True, True, True]])
-    select = PerturbedTopK(k=12, n_samples=64, sigma=0.5).train()
-    assert select(scores).shape == (1, 8, 8)  # min(N, K)
+    select = PerturbedTopK(n_samples=64, sigma=0.5).train()
+    assert select(scores, 12).shape == (1, 8, 8)  # min(N, K)
 
-    selector = select(scores, mask)
+    selector = select(scores, 12, mask)
     assert selector.shape == (1, 6, 8)  # min(valid, K): nothing to choose, hard selection
     assert float(selector[..., ~mask[0]].sum()) == 0.0
 
-    select.k = 3
-    selector = select(scores, mask)
+    selector = select(scores, 3, mask)
     assert float(selector.detach()[..., ~mask[0]].sum()) == 0.0
     (selector * torch.randn(1, 3, 8)).sum().backward()
     assert torch.isfinite(scores.grad).all()

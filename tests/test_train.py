@@ -22,7 +22,7 @@ from zoompipe.dataset import (
     read_pipeline_metadata,
     read_splits,
 )
-from zoompipe.errors import FeatureFileError
+from zoompipe.errors import FeatureFileError, ZoompipeError
 from zoompipe.evaluate import evaluate_run
 from zoompipe.features import write_feature_file as write_preprocessed
 from zoompipe.grid import PatchGrid, child_grid
@@ -155,6 +155,36 @@ def test_stratified_folds_test_every_slide_once() -> None:
         assert sorted(test) == ["a"] * 4 + ["b"] * 2  # classes in proportion
 
 
+def test_splits_put_every_class_in_every_split_or_refuse() -> None:
+    # 20 / 8 / 3 slides: dealing in one sequence across classes used to leave the small class
+    # out of a split; now each class reaches train, val and test in every fold.
+    labels = {f"s{i:02d}": "a" for i in range(20)}
+    labels |= {f"t{i}": "b" for i in range(8)} | {f"u{i}": "c" for i in range(3)}
+    for fold in range(5):
+        split = make_splits(labels, n_folds=5, fold=fold, seed=3)
+        for name in ("a", "b", "c"):
+            roles = {role for s, role in split.items() if labels[s] == name}
+            assert roles == {"train", "val", "test"}, (fold, name, roles)
+    # Classes with at least 5 slides are tested exactly once over the 5 folds.
+    tested = [s for f in range(5) for s, role in make_splits(labels, 5, f, seed=3).items()
+              if role == "test" and labels[s] != "c"]
+    assert sorted(tested) == sorted(s for s in labels if labels[s] != "c")
+    with pytest.raises(ZoompipeError, match="class 'c' has 2 patient"):
+        make_splits({k: v for k, v in labels.items() if k != "u2"}, n_folds=5)
+
+
+def test_splits_keep_a_patients_slides_together() -> None:
+    labels = {f"s{i:02d}": "ab"[i % 2] for i in range(40)}
+    patients = {s: f"p{int(s[1:]) // 4}" for s in labels}  # 4 slides per patient
+    labels = {s: labels[f"s{(int(s[1:]) // 4) * 4:02d}"] for s in labels}  # one class per patient
+    for fold in range(5):
+        split = make_splits(labels, n_folds=5, fold=fold, seed=1, patients=patients)
+        for patient in set(patients.values()):
+            assert len({split[s] for s in labels if patients[s] == patient}) == 1
+    # The split seed alone decides the split.
+    assert make_splits(labels, 5, 0, seed=1) != make_splits(labels, 5, 0, seed=2)
+
+
 def test_metrics() -> None:
     labels = np.array([0, 0, 1, 1, 2, 2])
     probs = np.eye(3)[[0, 1, 1, 1, 2, 0]] * 0.7 + 0.1
@@ -190,7 +220,8 @@ def test_train_and_evaluate_with_the_library(features, tmp_path: Path) -> None:
     with open(run / "log.csv") as f:
         log = list(csv.DictReader(f))
     assert [row["epoch"] for row in log] == ["1", "2", "3"]
-    assert list(log[0]) == ["epoch", "train_loss", "val_loss", "val_acc", "val_f1", "lr"]
+    assert list(log[0]) == ["epoch", "train_loss", "val_loss", "val_acc", "val_f1", "lr", "sigma"]
+    assert float(log[0]["sigma"]) == 0.05 and float(log[-1]["sigma"]) == 0.005  # decayed
 
     model, config = load_run(run)
     assert model.config.magnifications == MAGS and model.config.k == 2

@@ -25,23 +25,38 @@ def _shuffled(features: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tenso
 
 
 def make_slide(
-    label: int, gen: torch.Generator, n_base: int = 16, n_marked: int = 2
+    label: int,
+    gen: torch.Generator,
+    n_base: int = 16,
+    n_marked: int = 2,
+    n_decoys: int = 0,
+    marked_children: int = RATIOS[0],
+    regions: list | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
     """A 3-magnification slide whose class shows only at 10x, under a few marked parents.
 
     Every slide, whatever its class, has ``n_marked`` base patches marked at 1.25x (feature 0)
-    and their children marked at 2.5x (feature 1): suspicious regions visible at low
-    magnification. Only in class 1 do half of the 10x grandchildren of those regions carry the
-    signal (feature 2). Rows are shuffled at every magnification, so only the children index
-    links them.
+    and ``marked_children`` of their 4 children marked at 2.5x (feature 1): suspicious regions
+    visible at low magnification. Only in class 1 do half of the 10x grandchildren of those
+    children carry the signal (feature 2). ``n_decoys`` other base patches (and one child of
+    each) are marked as strongly with features 3 and 4 but never carry the signal: the zoom must
+    learn which low-magnification cue is worth zooming into. Rows are shuffled at every
+    magnification, so only the children index links them. ``regions``, when given, receives
+    the shuffled rows of the marked base patches and of their marked children.
     """
     c1, c2 = RATIOS
     bags = [torch.randn(n_base * n, DIM, generator=gen) for n in (1, c1, c1 * c2)]
-    for parent in torch.randperm(n_base, generator=gen)[:n_marked].tolist():
-        bags[0][parent, 0] += 4.0
-        for child in range(parent * c1, (parent + 1) * c1):
-            bags[1][child, 1] += 4.0
-            if label:
+    picked = torch.randperm(n_base, generator=gen)[: n_marked + n_decoys].tolist()
+    marked, marked_rows = picked[:n_marked], []
+    for parent in picked:
+        lesion = parent in marked
+        bags[0][parent, 0 if lesion else 3] += 4.0
+        chosen = parent * c1 + torch.randperm(c1, generator=gen)[: marked_children if lesion else 1]
+        for child in chosen.tolist():
+            bags[1][child, 1 if lesion else 4] += 4.0
+            if lesion:
+                marked_rows.append(child)
+            if lesion and label:
                 grandchildren = child * c2 + torch.randperm(c2, generator=gen)[: c2 // 2]
                 bags[2][grandchildren, 2] += 3.0
     shuffled = [_shuffled(b, gen) for b in bags]
@@ -52,12 +67,16 @@ def make_slide(
         )
         for i, c in enumerate(RATIOS)
     ]
+    if regions is not None:
+        regions.append([shuffled[0][1][marked], shuffled[1][1][marked_rows]])
     return [b for b, _ in shuffled], children, label
 
 
-def make_slides(n: int, seed: int) -> list[tuple[list[torch.Tensor], list[torch.Tensor], int]]:
+def make_slides(
+    n: int, seed: int, regions: list | None = None, **layout
+) -> list[tuple[list[torch.Tensor], list[torch.Tensor], int]]:
     gen = torch.Generator().manual_seed(seed)
-    return [make_slide(i % 2, gen) for i in range(n)]
+    return [make_slide(i % 2, gen, regions=regions, **layout) for i in range(n)]
 
 
 def _model(mags: list[float] = MAGS, seed: int = 0, **kwargs) -> ZoomMIL:
@@ -141,6 +160,62 @@ def test_soft_path_tends_to_the_hard_path_and_trains_the_zoom_heads() -> None:
         assert level.zoom.score.weight.grad.abs().sum() > 0
 
 
+def test_training_survives_selected_parents_without_children() -> None:
+    bags, children, label = make_slides(1, seed=5)[0]
+    # Every base patch but two has no 2.5x child (all background): at k = 4 the selection
+    # must take childless parents; the bag above is then partly or wholly empty.
+    empty = [children[0].clone(), children[1]]
+    empty[0][2:] = -1
+    for keep in (2, 0):
+        empty[0][:keep] = children[0][:keep]
+        empty[0][keep:] = -1
+        model = _model(dropout=0.0, zoom_target_weight=0.0).train()
+        out = model(bags, empty, label)
+        torch.nn.functional.cross_entropy(out.logits[None], torch.tensor([label])).backward()
+        assert torch.isfinite(out.logits).all()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        evaluated = model.eval()(bags, empty)
+        assert torch.isfinite(evaluated.logits).all()
+
+
+def test_zoom_target_is_the_teachers_attention_summed_over_descendants() -> None:
+    bags, children, label = make_slides(1, seed=6)[0]
+    model = _model(dropout=0.0, zoom_target_weight=2.0).train()
+    out = model(bags, children, label)
+
+    last = model.levels[2]
+    z = last.project(bags[2])
+    attention = torch.softmax(last.attention(z), dim=0).detach()
+    expected = torch.nn.functional.cross_entropy(
+        model.classifier(attention @ z)[None], torch.tensor([label]))
+    # Written the slow way: a parent's mass is the sum of its children's, one loop per level.
+    mass_25 = torch.stack([sum(attention[c] for c in row if c >= 0) for row in children[1]])
+    mass_125 = torch.stack([sum(mass_25[c] for c in row if c >= 0) for row in children[0]])
+    for step, mass in ((0, mass_125), (1, mass_25)):
+        level = model.levels[step]
+        log_q = torch.log_softmax(level.zoom(level.project(bags[step])), dim=0)
+        expected = expected + (mass * (mass.log() - log_q)).sum()
+    torch.testing.assert_close(out.aux_loss, 2.0 * expected)
+    torch.testing.assert_close(mass_125.sum(), torch.tensor(1.0))
+
+    out.aux_loss.backward()
+    for level in model.levels[:2]:  # the target reaches the zoom heads directly
+        assert level.zoom.score.weight.grad.abs().sum() > 0
+    assert _model(zoom_target_weight=0.0).train()(bags, children, label).aux_loss is None
+
+
+def test_k_as_a_fraction_of_the_base_bag() -> None:
+    config = ZoomMILConfig(in_dim=DIM, n_classes=2, k=0.125)
+    assert [config.resolve_k(n) for n in (1, 8, 9, 40, 400)] == [1, 1, 2, 5, 50]
+    assert ZoomMILConfig(in_dim=DIM, n_classes=2, k=12.0).resolve_k(5) == 5  # capped
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="k must be"):
+            ZoomMILConfig(in_dim=DIM, n_classes=2, k=bad)
+    bags, children, _ = make_slides(1, seed=7)[0]  # 16 base patches: k = 0.25 selects 4
+    out = _model(k=0.25).eval()(bags, children)
+    assert [len(s) for s in out.selected] == [4, 4]
+
+
 def test_one_magnification_is_abmil() -> None:
     bags, _, _ = make_slides(1, seed=4)[0]
     model = _model(mags=[1.25]).eval()
@@ -159,38 +234,58 @@ def _accuracy(model: ZoomMIL, slides) -> float:
     return float((predict_logits(model, slides, "cpu").argmax(dim=1) == labels).float().mean())
 
 
-def _train(mags: list[float], train, epochs: int) -> ZoomMIL:
+def _train(mags: list[float], train, epochs: int, **settings) -> ZoomMIL:
     n = len(mags)
-    model = _model(mags, sigma=0.1)
+    model = _model(mags, sigma=0.1, **settings)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     # Annealing the learning rate settles the classifier once the zoom heads have found the
     # marked regions (a few epochs), instead of stopping at a random point of its noise.
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
     sampler = balanced_sampler([label for *_, label in train], seed=0)
-    for _ in range(epochs):
-        train_one_epoch(model, [(b[:n], c[: n - 1], y) for b, c, y in train],
-                        list(sampler), optimizer, "cpu")
-        schedule.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # ops this small only pay threading overhead
+    try:
+        for _ in range(epochs):
+            train_one_epoch(model, [(b[:n], c[: n - 1], y) for b, c, y in train],
+                            list(sampler), optimizer, "cpu")
+            schedule.step()
+    finally:
+        torch.set_num_threads(threads)
     return model
 
 
+#: Planted regions among decoys: 40 base patches, 2 regions whose children carry the class
+#: (in one of their 4 children each) and 12 decoys as visible at 1.25x and 2.5x that never do.
+PLANTED = {"n_base": 40, "n_marked": 2, "n_decoys": 12, "marked_children": 1}
+
+
 @pytest.fixture(scope="module")
-def synthetic() -> tuple[list, list]:
-    return make_slides(300, seed=10), make_slides(200, seed=11)
+def synthetic() -> tuple[list, list, list]:
+    regions: list = []
+    return make_slides(200, seed=10, **PLANTED), make_slides(100, seed=11, regions=regions, **PLANTED), regions
 
 
-def test_zoommil_finds_high_magnification_evidence(synthetic) -> None:
-    train, test = synthetic
+def test_zoommil_zooms_into_the_planted_regions_and_classifies(synthetic) -> None:
+    train, test, regions = synthetic
     start = time.perf_counter()
-    model = _train(MAGS, train, epochs=10)
+    model = _train(MAGS, train, epochs=20, k=0.1).eval()  # K = 4 of 40 base patches
     elapsed = time.perf_counter() - start
+    reached = [0, 0]
+    with torch.no_grad():
+        for (bags, children, _), planted in zip(test, regions):
+            out = model(bags, children)
+            for step in range(2):
+                reached[step] += int(torch.isin(planted[step], out.selected[step]).sum())
     accuracy = _accuracy(model, test)
-    print(f"ZoomMIL 1.25x->2.5x->10x: test accuracy {accuracy:.3f}, trained in {elapsed:.1f} s")
+    shares = [r / (2 * len(test)) for r in reached]
+    print(f"ZoomMIL 1.25x->2.5x->10x: test accuracy {accuracy:.3f}, planted regions selected "
+          f"{shares[0]:.3f} at 1.25x and {shares[1]:.3f} at 2.5x, trained in {elapsed:.1f} s")
     assert accuracy >= 0.95
+    assert shares[0] >= 0.95 and shares[1] >= 0.95
 
 
 def test_low_magnification_abmil_stays_at_chance(synthetic) -> None:
-    train, test = synthetic
+    train, test, _ = synthetic
     model = _train([1.25], train, epochs=10)
     accuracy = _accuracy(model, [([b[0]], [], y) for b, _, y in test])
     print(f"ABMIL 1.25x: test accuracy {accuracy:.3f}")

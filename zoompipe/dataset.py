@@ -173,13 +173,22 @@ def read_splits(path: str | os.PathLike) -> dict[str, str]:
 
 
 def make_splits(
-    labels: dict[str, str], n_folds: int = 5, fold: int = 0, seed: int = 0
+    labels: dict[str, str],
+    n_folds: int = 5,
+    fold: int = 0,
+    seed: int = 0,
+    patients: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """Seeded stratified k-fold split.
+    """Seeded k-fold split, stratified by class and grouped by patient.
 
-    Each class's slides are shuffled and dealt into ``n_folds`` folds; fold ``fold`` is the
-    test set, fold ``fold + 1`` (cyclically) the validation set and the rest the training set.
-    With 5 folds that is 60/20/20, and the 5 choices of ``fold`` test every slide once.
+    The patients of each class are shuffled and dealt into ``n_folds`` folds; fold ``fold`` is
+    the test set, fold ``fold + 1`` (cyclically) the validation set and the rest the training
+    set. A patient's slides always share a fold, so no patient is on both sides of a split.
+    Dealing continues from one class to the next, so fold sizes stay balanced, and a class
+    with at least ``n_folds`` patients reaches every fold: with 5 folds the split is 60/20/20
+    and the 5 choices of ``fold`` test every slide once. A class with 3 to ``n_folds - 1``
+    patients gets one test and one validation patient in every choice of ``fold`` and the
+    rest in training.
 
     Parameters
     ----------
@@ -190,25 +199,68 @@ def make_splits(
     fold : int
         Test fold, in ``range(n_folds)``.
     seed : int
-        Seed of the shuffle.
+        Seed of the shuffle; independent of any training seed, so that runs with different
+        initialisations share their split.
+    patients : dict, optional
+        Slide id to patient id; by default every slide is its own patient. A patient's class
+        is that of its first slide in ``labels``.
 
     Returns
     -------
     dict
         Slide id to split name.
+
+    Raises
+    ------
+    ZoompipeError
+        If a class has fewer than 3 patients, so cannot appear in all three splits.
     """
     if n_folds < 3 or not 0 <= fold < n_folds:
         raise ZoompipeError(f"need n_folds >= 3 and 0 <= fold < n_folds, got {n_folds}, {fold}")
+    patients = patients or {}
+    slides_of: dict[str, list[str]] = {}
+    for slide_id in labels:
+        slides_of.setdefault(patients.get(slide_id, slide_id), []).append(slide_id)
     rng = np.random.default_rng(seed)
-    role = {fold: "test", (fold + 1) % n_folds: "val"}
+    roles = {fold: "test", (fold + 1) % n_folds: "val"}
+    train_folds = [f for f in range(n_folds) if f not in roles]
     splits = {}
-    dealt = 0  # continue dealing across classes so that fold sizes stay balanced
+    dealt = 0
     for name in sorted(set(labels.values())):
-        ids = sorted(s for s, label in labels.items() if label == name)
-        for i in rng.permutation(len(ids)):
-            splits[ids[i]] = role.get(dealt % n_folds, "train")
-            dealt += 1
+        group = sorted(p for p, slides in slides_of.items() if labels[slides[0]] == name)
+        if len(group) < 3:
+            raise ZoompipeError(
+                f"class '{name}' has {len(group)} patient(s); a split needs at least 3 "
+                "(one each for train, val and test)"
+            )
+        order = [group[i] for i in rng.permutation(len(group))]
+        if len(group) >= n_folds:
+            assigned = [(dealt + j) % n_folds for j in range(len(order))]
+            dealt += len(order)
+        else:
+            assigned = [fold, (fold + 1) % n_folds, *(
+                train_folds[j % len(train_folds)] for j in range(len(order) - 2))]
+        for patient, f in zip(order, assigned):
+            for slide_id in slides_of[patient]:
+                splits[slide_id] = roles.get(f, "train")
     return splits
+
+
+def read_patients(path: str | os.PathLike) -> dict[str, str]:
+    """Patient of each slide from the optional ``patient_id`` column of a labels CSV.
+
+    Returns
+    -------
+    dict
+        Slide id to patient id; empty when the CSV has no ``patient_id`` column. Slides with
+        an empty patient id are left out (each is then its own patient).
+    """
+    rows = _read_csv(path, ("slide_id",))
+    return {
+        row["slide_id"].strip(): row["patient_id"].strip()
+        for row in rows
+        if (row.get("patient_id") or "").strip()
+    }
 
 
 def write_splits(path: str | os.PathLike, splits: dict[str, str]) -> None:

@@ -21,6 +21,7 @@ from zoompipe.dataset import (
     file_magnifications,
     make_splits,
     read_labels,
+    read_patients,
     read_pipeline_metadata,
     read_splits,
     write_splits,
@@ -29,8 +30,20 @@ from zoompipe.errors import ZoompipeError
 from zoompipe.evaluate import Slide, predict_logits
 from zoompipe.metrics import classification_metrics
 from zoompipe.model import ZoomMIL, ZoomMILConfig, save_run
+from zoompipe.train_defaults import DEFAULT_K, DEFAULT_MAX_GRAD_NORM
 
-LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "val_acc", "val_f1", "lr")
+LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "val_acc", "val_f1", "lr", "sigma")
+
+
+def sigma_schedule(epoch: int, epochs: int, start: float, end: float) -> float:
+    """Perturbed top-K noise for ``epoch`` (1-based): linear from ``start`` to ``end``.
+
+    Cordonnier et al. decay the noise so that training, soft and exploring at first, ends
+    close to the hard top-K that prediction uses.
+    """
+    if epochs <= 1:
+        return end
+    return start + (end - start) * (epoch - 1) / (epochs - 1)
 
 
 def seed_everything(seed: int) -> None:
@@ -59,8 +72,16 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     device: str | torch.device,
     progress: tqdm | None = None,
+    max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM,
 ) -> float:
     """One pass over ``slides`` in ``order``, one slide per optimiser step.
+
+    Parameters
+    ----------
+    max_grad_norm : float, optional
+        Clip the global gradient norm of each step to this value (None: no clipping). The
+        Monte-Carlo gradient of the perturbed top-K has heavy tails; one rare large step
+        would otherwise undo what the zoom heads learnt.
 
     Returns
     -------
@@ -77,6 +98,8 @@ def train_one_epoch(
             loss = loss + out.aux_loss
         optimizer.zero_grad()
         loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
         total, count = total + loss.item(), count + 1
         if progress is not None:
@@ -94,14 +117,18 @@ def train_model(
     fold: int | None = None,
     n_folds: int = 5,
     magnifications: Sequence[float] | None = None,
-    k: int = 12,
+    k: float = DEFAULT_K,
     hidden: int = 512,
     attn_hidden: int = 256,
     sigma: float = 0.05,
+    sigma_end: float = 0.005,
+    zoom_target_weight: float = 1.0,
+    max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM,
     epochs: int = 100,
     lr: float = 1e-4,
     weight_decay: float = 0.0,
     seed: int = 0,
+    split_seed: int = 0,
     device: str = "cpu",
     patience: int | None = None,
     cache: bool = True,
@@ -120,8 +147,8 @@ def train_model(
         ``log.csv`` (one row per epoch) and ``train_summary.json``.
     splits_csv : path, optional
         CSV ``slide_id,split`` (train, val, test) naming the slides to use. Without it, a seeded
-        stratified ``n_folds``-fold split with test fold ``fold`` (see
-        :func:`~zoompipe.dataset.make_splits`).
+        ``n_folds``-fold split with test fold ``fold``, stratified by class and grouped by the
+        labels CSV's optional ``patient_id`` column (see :func:`~zoompipe.dataset.make_splits`).
     fold : int, optional
         Test fold of the generated split, 0 by default; not allowed with ``splits_csv``.
     n_folds : int
@@ -129,19 +156,27 @@ def train_model(
     magnifications : sequence of float, optional
         Cascade to train on; by default every magnification of the feature files. One
         magnification trains plain attention MIL.
-    k : int
-        Patches to zoom into per step (capped at the bag size).
+    k : float
+        Patches to zoom into per step: a count >= 1, or a fraction in (0, 1) of each slide's
+        base bag (capped at the bag size, at least 1).
     hidden, attn_hidden : int
         Widths of the projected features and of the attention heads (512 and 256 in the paper).
-    sigma : float
-        Noise of the perturbed top-K on [0, 1]-scaled scores: how far training explores beyond
-        the current top K.
+    sigma, sigma_end : float
+        Noise of the perturbed top-K on [0, 1]-scaled scores (how far training explores beyond
+        the current top K) at the first and the last epoch, linear in between.
+    zoom_target_weight : float
+        Weight of ZoomMIL's zoom target (:meth:`~zoompipe.model.ZoomMIL.zoom_target_loss`);
+        0 trains the zoom heads through the perturbed top-K alone.
+    max_grad_norm : float, optional
+        Gradient norm clipping per step; None turns it off.
     epochs : int
         Maximum number of epochs.
     lr, weight_decay : float
         Adam settings.
     seed : int
-        Seed of the split, the initialisation, the sampling and the selection noise.
+        Seed of the initialisation, the sampling and the selection noise.
+    split_seed : int
+        Seed of the generated split.
     device : str
         ``cpu`` or ``cuda``.
     patience : int, optional
@@ -175,7 +210,7 @@ def train_model(
     class_names = sorted(set(labels.values()))
     if len(class_names) < 2:
         raise ZoompipeError(f"{labels_csv} has a single class ({class_names[0]}); need two or more")
-    splits = _splits(labels, labels_csv, splits_csv, fold, n_folds, seed)
+    splits = _splits(labels, labels_csv, splits_csv, fold, n_folds, split_seed)
     write_splits(out_dir / "splits.csv", splits)
     ids = {name: [s for s in labels if splits.get(s) == name] for name in ("train", "val", "test")}
     if not ids["train"] or not ids["val"]:
@@ -195,8 +230,9 @@ def train_model(
     val_set = subset("val", in_dim)
     pipeline = read_pipeline_metadata(first, mags)
 
-    config = ZoomMILConfig(in_dim=in_dim, n_classes=len(class_names), magnifications=mags, k=k, hidden=hidden,
-                           attn_hidden=attn_hidden, sigma=sigma)
+    config = ZoomMILConfig(in_dim=in_dim, n_classes=len(class_names), magnifications=mags, k=k,
+                           hidden=hidden, attn_hidden=attn_hidden, sigma=sigma,
+                           zoom_target_weight=zoom_target_weight)
     model = ZoomMIL(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.8, patience=5)
@@ -211,13 +247,16 @@ def train_model(
         log.writerow(LOG_COLUMNS)
         for epoch in range(1, epochs + 1):
             bar.set_description(f"epoch {epoch}/{epochs}{val_status}")
-            train_loss = train_one_epoch(model, train_set, list(sampler), optimizer, device, bar)
+            model.select.sigma = sigma_schedule(epoch, epochs, sigma, sigma_end)
+            train_loss = train_one_epoch(model, train_set, list(sampler), optimizer, device, bar,
+                                         max_grad_norm)
             logits = predict_logits(model, val_set, device)
             val_loss = float(F.cross_entropy(logits, val_targets))
             metrics = classification_metrics(val_targets.numpy(), logits.softmax(dim=1).numpy())
             lr_now = optimizer.param_groups[0]["lr"]
             log.writerow([epoch, f"{train_loss:.6f}", f"{val_loss:.6f}",
-                          f"{metrics['accuracy']:.6f}", f"{metrics['weighted_f1']:.6f}", lr_now])
+                          f"{metrics['accuracy']:.6f}", f"{metrics['weighted_f1']:.6f}", lr_now,
+                          f"{model.select.sigma:.6f}"])
             log_file.flush()
             val_status = f" val_loss {val_loss:.3f} val_f1 {metrics['weighted_f1']:.3f}"
             scheduler.step(val_loss)
@@ -240,6 +279,10 @@ def train_model(
         "n_test": len(ids["test"]),
         "class_names": class_names,
         "magnifications": mags,
+        "training": {"k": config.k, "sigma": sigma, "sigma_end": sigma_end,
+                     "zoom_target_weight": zoom_target_weight, "max_grad_norm": max_grad_norm,
+                     "lr": lr, "weight_decay": weight_decay, "epochs": epochs, "seed": seed,
+                     "split_seed": split_seed},
     }
     (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -254,7 +297,8 @@ def _splits(
     seed: int,
 ) -> dict[str, str]:
     if splits_csv is None:
-        return make_splits(labels, n_folds=n_folds, fold=fold or 0, seed=seed)
+        return make_splits(labels, n_folds=n_folds, fold=fold or 0, seed=seed,
+                           patients=read_patients(labels_csv))
     if fold is not None:
         raise ZoompipeError("a fold picks a generated split; it cannot be combined with a splits CSV")
     splits = read_splits(splits_csv)

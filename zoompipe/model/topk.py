@@ -75,8 +75,21 @@ class PerturbedTopKFunction(torch.autograd.Function):
         # <grad, Y_s> for each sample s; Y_s has one 1 per row k, at column indices[b, s, k].
         inner = grad_selector.gather(-1, indices.transpose(1, 2)).sum(dim=1)  # (B, S)
         # sum_{k,n} grad[k,n] E[Y_kn Z_m] / sigma = E[<grad, Y> Z_m] / sigma, for every m.
-        grad_scores = torch.einsum("bs,bsm->bm", inner, noise) / (n_samples * ctx.sigma)
+        # Each sample's baseline is the mean of the *other* samples' inner products: it is
+        # independent of that sample's noise, so E[baseline * Z] = 0 and the estimate stays
+        # unbiased, while the large common part of <grad, Y> (most of the K choices agree
+        # across samples) no longer multiplies the noise. Leave-one-out centring is
+        # S / (S - 1) times centring on the mean of all samples.
+        if n_samples > 1:
+            centred = (inner - inner.mean(dim=1, keepdim=True)) * (n_samples / (n_samples - 1))
+        else:
+            centred = inner
+        grad_scores = torch.einsum("bs,bsm->bm", centred, noise) / (n_samples * ctx.sigma)
         return grad_scores, None, None, None
+
+
+#: Smallest score range that :func:`normalise_scores` divides by, in the units of the raw scores.
+MIN_SCORE_SPAN = 1e-2
 
 
 def normalise_scores(scores: Tensor, mask: Tensor) -> Tensor:
@@ -84,7 +97,9 @@ def normalise_scores(scores: Tensor, mask: Tensor) -> Tensor:
 
     The noise scale ``sigma`` is then a fraction of the score range whatever the number of
     patches or the scale of the scores (ZoomMIL's softmax scores shrink like 1/N, which made its
-    fixed sigma mean something different on every slide).
+    fixed sigma mean something different on every slide). A bag whose range is below
+    :data:`MIN_SCORE_SPAN` is scaled by that floor instead, so it spans less than [0, 1] and
+    the noise, not the head, decides its selection until the scores spread out.
 
     Parameters
     ----------
@@ -101,7 +116,9 @@ def normalise_scores(scores: Tensor, mask: Tensor) -> Tensor:
     inf = torch.finfo(scores.dtype).max
     low = scores.masked_fill(~mask, inf).amin(dim=-1, keepdim=True)
     high = scores.masked_fill(~mask, -inf).amax(dim=-1, keepdim=True)
-    span = (high - low).clamp_min(torch.finfo(scores.dtype).eps)
+    # The gradient through this scaling grows like 1 / span; a floor keeps a bag whose scores
+    # have collapsed (all patches alike to the head) from producing huge steps.
+    span = (high - low).clamp_min(MIN_SCORE_SPAN)
     return ((scores - low) / span).masked_fill(~mask, float("-inf"))
 
 
@@ -110,28 +127,27 @@ class PerturbedTopK(nn.Module):
 
     Parameters
     ----------
-    k : int
-        Number of entries to select; capped at the number of selectable entries of a bag.
     n_samples : int
         Monte-Carlo noise samples per forward pass.
     sigma : float
         Standard deviation of the noise, relative to the [0, 1] range of the min-max normalised
-        scores (see :func:`normalise_scores`).
+        scores (see :func:`normalise_scores`). Training schedules may change it between steps.
     """
 
-    def __init__(self, k: int, n_samples: int = 500, sigma: float = 0.05) -> None:
+    def __init__(self, n_samples: int = 500, sigma: float = 0.05) -> None:
         super().__init__()
-        self.k = k
         self.n_samples = n_samples
         self.sigma = sigma
 
-    def forward(self, scores: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, scores: Tensor, k: int, mask: Tensor | None = None) -> Tensor:
         """Select the top-K entries of each bag.
 
         Parameters
         ----------
         scores : Tensor
             Scores, shape (B, N).
+        k : int
+            Number of entries to select; capped at the number of selectable entries of a bag.
         mask : Tensor, optional
             Bool, shape (B, N); False marks entries that may not be selected (padding).
 
@@ -146,7 +162,7 @@ class PerturbedTopK(nn.Module):
         if mask is None:
             mask = torch.ones_like(scores, dtype=torch.bool)
         n_valid = mask.sum(dim=-1)
-        k = min(self.k, int(n_valid.min()))
+        k = min(k, int(n_valid.min()))
         if not self.training or bool((n_valid == k).all()):
             hard = topk_indices(scores.detach().masked_fill(~mask, float("-inf")), k)
             return F.one_hot(hard, scores.shape[-1]).to(scores.dtype)
@@ -155,4 +171,4 @@ class PerturbedTopK(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, n_samples={self.n_samples}, sigma={self.sigma}"
+        return f"n_samples={self.n_samples}, sigma={self.sigma}"

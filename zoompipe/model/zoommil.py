@@ -13,11 +13,13 @@ for children that do not exist (padding).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoompipe.model.attention import GatedAttention, masked_softmax
@@ -44,8 +46,10 @@ class ZoomMILConfig:
     magnifications : list of float
         Cascade of magnifications, ascending. A single magnification gives plain gated-attention
         MIL (ABMIL) at that magnification.
-    k : int
-        Patches selected for zooming at each step, capped at the bag size.
+    k : float
+        Patches selected for zooming at each step. A whole number >= 1 is a count; a value in
+        (0, 1) is a fraction of the base bag, ``ceil(k * N_0)`` (the authors advise N/16 to
+        N/2). Either way capped at the bag size of each step, and at least one.
     hidden : int
         Dimension of the projected patch embeddings.
     attn_hidden : int
@@ -55,29 +59,45 @@ class ZoomMILConfig:
     n_samples : int
         Noise samples of the perturbed top-K during training.
     sigma : float
-        Noise scale of the perturbed top-K, relative to the [0, 1] range of the scores.
+        Noise scale of the perturbed top-K, relative to the [0, 1] range of the scores; the
+        starting value when training decays it.
+    zoom_target_weight : float
+        Weight of the zoom target (training only, see :meth:`ZoomMIL.zoom_target_loss`): the
+        last magnification's head pooled over the whole dense bag is classified too, and each
+        zoom head is pulled towards the share of that head's attention under each of its
+        patches. 0 trains the zoom heads through the perturbed top-K alone, as in the paper.
     """
 
     in_dim: int
     n_classes: int
     magnifications: list[float] = field(default_factory=lambda: [1.25, 2.5, 10.0])
-    k: int = 12
+    k: float = 12
     hidden: int = 512
     attn_hidden: int = 256
     dropout: float = 0.25
     n_samples: int = 500
     sigma: float = 0.05
+    zoom_target_weight: float = 1.0
 
     def __post_init__(self) -> None:
         self.magnifications = [float(m) for m in self.magnifications]
         mags = self.magnifications
         if not mags or any(m <= 0 for m in mags) or any(b <= a for a, b in zip(mags, mags[1:])):
             raise ValueError(f"magnifications must be positive and ascending, got {mags}")
-        if self.in_dim < 1 or self.n_classes < 2 or self.k < 1:
+        if self.in_dim < 1 or self.n_classes < 2:
             raise ValueError(
-                f"need in_dim >= 1, n_classes >= 2 and k >= 1, got "
-                f"{self.in_dim}, {self.n_classes} and {self.k}"
+                f"need in_dim >= 1 and n_classes >= 2, got {self.in_dim} and {self.n_classes}"
             )
+        if not (0 < self.k < 1 or (self.k >= 1 and float(self.k).is_integer())):
+            raise ValueError(f"k must be a count >= 1 or a fraction in (0, 1), got {self.k}")
+        self.k = int(self.k) if self.k >= 1 else float(self.k)
+        if self.zoom_target_weight < 0:
+            raise ValueError(f"zoom_target_weight must be >= 0, got {self.zoom_target_weight}")
+
+    def resolve_k(self, n_base: int) -> int:
+        """Patches to select at each step for a slide with ``n_base`` base patches."""
+        k = self.k if self.k >= 1 else math.ceil(self.k * n_base)
+        return max(1, min(int(k), n_base))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form of the configuration."""
@@ -160,7 +180,7 @@ class ZoomMIL(nn.Module):
             Magnification(config, zoom=i < n_mags - 1) for i in range(n_mags)
         )
         self.classifier = nn.Linear(config.hidden, config.n_classes)
-        self.select = PerturbedTopK(config.k, config.n_samples, config.sigma)
+        self.select = PerturbedTopK(config.n_samples, config.sigma)
 
     def forward(
         self, bags: list[Tensor], children: list[Tensor], label: int | None = None
@@ -181,7 +201,9 @@ class ZoomMIL(nn.Module):
         -------
         ZoomOutput
             In training mode the selection is soft (perturbed top-K, differentiable) and only
-            the logits are returned; in eval mode this is :meth:`infer` reading from ``bags``.
+            the logits and ``aux_loss`` (the weighted :meth:`zoom_target_loss`, None when its
+            weight is 0 or there is one magnification) are returned; in eval mode this is
+            :meth:`infer` reading from ``bags``.
         """
         n_mags = len(self.levels)
         if len(bags) != n_mags or len(children) != n_mags - 1:
@@ -190,7 +212,11 @@ class ZoomMIL(nn.Module):
                 f"{len(children)} children indices"
             )
         if self.training:
-            return self._forward_soft(bags, children)
+            out = self._forward_soft(bags, children)
+            if self.config.zoom_target_weight > 0 and n_mags > 1:
+                loss = self.zoom_target_loss(bags, children, label)
+                out.aux_loss = self.config.zoom_target_weight * loss
+            return out
 
         def fetch_dense(step: int, parents: Tensor) -> tuple[Tensor, Tensor]:
             index = children[step]
@@ -219,6 +245,7 @@ class ZoomMIL(nn.Module):
         if self.training:
             raise RuntimeError("ZoomMIL.infer makes hard selections; call model.eval() first")
         out = ZoomOutput(logits=h0.new_zeros(0))  # logits are filled in last
+        k = self.config.resolve_k(len(h0))
         pooled = h0.new_zeros(self.config.hidden)
         features, rows = h0, torch.arange(len(h0))
         for step, level in enumerate(self.levels):
@@ -230,7 +257,7 @@ class ZoomMIL(nn.Module):
             if level.zoom is None:
                 break
             scores = level.zoom(z)
-            local = topk_indices(scores, min(self.config.k, len(rows))).cpu()
+            local = topk_indices(scores, min(k, len(rows))).cpu()
             selected = rows[local].sort().values
             out.selected.append(selected)
             out.selection_scores.append(scores)
@@ -244,6 +271,7 @@ class ZoomMIL(nn.Module):
         # sum_a mix[j, a] * parents[a], where `parents` are global rows of the previous
         # magnification. A hard selection makes `mix` a 0/1 matrix and this is a plain gather.
         features, weights = bags[0], None
+        k = self.config.resolve_k(len(bags[0]))
         mix = parents = None
         pooled = bags[0].new_zeros(self.config.hidden)
         for step, level in enumerate(self.levels):
@@ -252,7 +280,7 @@ class ZoomMIL(nn.Module):
             if level.zoom is None:
                 break
             mask = None if weights is None else (weights > 0)[None]
-            selector = self.select(level.zoom(z)[None], mask)[0]  # (K, n_rows)
+            selector = self.select(level.zoom(z)[None], k, mask)[0]  # (K, n_rows)
             if mix is None:
                 mix, parents = selector, torch.arange(len(features), device=features.device)
             else:
@@ -267,7 +295,56 @@ class ZoomMIL(nn.Module):
             keep = (parents >= 0) & (mix.detach() != 0).any(dim=0)
             mix, parents = mix[:, keep], parents[keep]
             features, weights = _mix_children(mix, children[step][parents], bags[step + 1])
+            if not bool((weights > 0).any()):
+                break  # the selected patches have no children: nothing to look at above
         return ZoomOutput(logits=self.classifier(pooled))
+
+    def zoom_target_loss(
+        self, bags: list[Tensor], children: list[Tensor], label: int | None = None
+    ) -> Tensor:
+        """A direct training signal for the zoom heads, from the dense last magnification.
+
+        The last magnification's projection and attention pool its *whole* bag (every
+        descendant of every base patch, which dense training features provide), and the
+        classifier is applied to that vector: cross-entropy against ``label`` trains the last
+        head to find the evidence, as single-magnification ABMIL does. Its attention, summed
+        over each patch's descendants, is a distribution over the patches of every lower
+        magnification; each zoom head's softmax over its dense bag is pulled towards it (KL
+        divergence, the target detached). The zoom heads so learn to rank first the patches
+        under which the evidence lies, which the perturbed top-K's Monte-Carlo gradient alone
+        finds only by chance when the evidence occupies a few patches.
+
+        Parameters
+        ----------
+        bags, children : list of Tensor
+            As in :meth:`forward`.
+        label : int, optional
+            The slide's class; without it only the KL terms are returned.
+
+        Returns
+        -------
+        Tensor
+            Scalar: teacher cross-entropy plus the KL divergence of every zoom head.
+        """
+        last = self.levels[-1]
+        z = last.project(bags[-1])
+        attention = masked_softmax(last.attention(z))
+        loss = z.new_zeros(())
+        if label is not None:
+            target = torch.tensor([label], device=z.device)
+            loss = loss + F.cross_entropy(self.classifier(attention @ z)[None], target)
+        mass = attention.detach()
+        for step in reversed(range(len(self.levels) - 1)):
+            index = children[step]
+            valid = index >= 0
+            mass = (mass[index.clamp_min(0)] * valid).sum(dim=1)  # (N_step,)
+            level = self.levels[step]
+            scores = level.zoom(level.project(bags[step]))
+            loss = loss + F.kl_div(
+                torch.log_softmax(scores, dim=0), mass / mass.sum().clamp_min(1e-12),
+                reduction="sum",
+            )
+        return loss
 
 
 def _mix_children(mix: Tensor, child_rows: Tensor, features: Tensor) -> tuple[Tensor, Tensor]:
