@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from zoompipe.cli.main import cli
-from zoompipe.dataset import read_pipeline_metadata
+from zoompipe.dataset import agreed_contract
 from zoompipe.engine import ZoomPredictor
 from zoompipe.features import read_feature_file
 from zoompipe.grid import children_index
@@ -22,7 +22,7 @@ from zoompipe.predict import read_prediction
 from zoompipe.preprocess import PreprocessConfig, preprocess_slides
 from zoompipe.slide import Slide, open_slide
 from zoompipe.synthetic import write_synthetic_slide
-from zoompipe.tissue import TissueParams, tissue_mask
+from zoompipe.tiling import tile_slide
 
 CASCADE = [2.5, 5.0, 10.0]
 PATCH = 64
@@ -42,7 +42,7 @@ def preprocessed(tmp_path_factory):
 def _run(tmp_path, features_path, mags, seed=0):
     torch.manual_seed(seed)
     model = ZoomMIL(ZoomMILConfig(in_dim=1280, n_classes=3, magnifications=mags, k=K, hidden=64, attn_hidden=32))
-    save_run(tmp_path / "run", model.eval(), ["a", "b", "c"], read_pipeline_metadata(features_path, mags))
+    save_run(tmp_path / "run", model.eval(), "zoommil", ["a", "b", "c"], agreed_contract([features_path]))
     return tmp_path / "run", model
 
 
@@ -100,9 +100,9 @@ def test_heatmaps_have_thumbnail_size_and_change_only_tissue(preprocessed, tmp_p
     run, _ = _run(tmp_path, features_path, CASCADE)
     prediction = ZoomPredictor(run).predict(slide_path)
     with open_slide(slide_path) as slide:
-        images = render_heatmaps(prediction, slide)
+        mask = tile_slide(slide, prediction.pipeline).mask
+        images = render_heatmaps(prediction, slide, mask)
         thumb = images["thumbnail"]
-        mask = tissue_mask(slide, TissueParams.from_dict(prediction.tissue))
     tissue = cv2.resize(mask.mask.astype(np.uint8), thumb.shape[1::-1], interpolation=cv2.INTER_NEAREST) > 0
     for mag in CASCADE:
         overlay = images[f"attention_{mag:g}x"]
@@ -156,9 +156,9 @@ def test_predict_real_aperio_slide_with_the_demo_model(cmu_slide, tmp_path):
 def test_predict_refuses_a_pickled_checkpoint_in_one_line(tmp_path):
     run = tmp_path / "run"
     model = ZoomMIL(ZoomMILConfig(in_dim=1280, n_classes=2, magnifications=[1.25], hidden=8, attn_hidden=4))
-    save_run(run, model, ["a", "b"], {"patch_size": 256})
+    save_run(run, model, "zoommil", ["a", "b"], None)
     torch.save(model.state_dict(), run / "model.safetensors")  # a pickle under the safetensors name
     result = CliRunner().invoke(cli, ["predict", "whatever.svs", "--model", str(run)])
-    assert result.exit_code == 2
+    assert result.exit_code == 1
     assert result.output.startswith("error: ") and "pickle" in result.output
     assert len(result.output.strip().splitlines()) == 1

@@ -16,7 +16,7 @@ from zoompipe.encoders import create_encoder
 from zoompipe.features import read_feature_file, write_feature_file
 from zoompipe.grid import build_cascade, children_index
 from zoompipe.patches import iter_patch_batches, read_patches
-from zoompipe.preprocess import PreprocessConfig, preprocess_slides
+from zoompipe.preprocess import PreprocessConfig, preprocess_slides, run_contract
 from zoompipe.slide import open_slide
 from zoompipe.synthetic import write_synthetic_slide
 from zoompipe.tissue import tissue_mask
@@ -50,7 +50,11 @@ def test_feature_file_matches_grid_and_direct_embedding(slides, tmp_path, encode
     results = preprocess_slides([slides / "s1.svs"], tmp_path, _config(), progress=False)
     assert [r.status for r in results] == ["ok"]
     saved = read_feature_file(tmp_path / "features" / "s1.h5")
-    assert saved.attrs["encoder"] == "efficientnet_lite0" and saved.attrs["feature_dim"] == 1280
+    contract = saved.contract
+    assert (contract.encoder.name, contract.encoder.feature_dim, contract.encoder.precision) == \
+        ("efficientnet_lite0", 1280, "fp32")
+    assert contract.grid.magnifications == tuple(MAGS) and contract.grid.patch_size == 128
+    assert contract.slide.mpp == 0.5 and contract.tissue.user_masks is None
     assert saved.magnifications == MAGS
     with open_slide(slides / "s1.svs") as slide:
         mask = tissue_mask(slide, _config().tissue)
@@ -117,7 +121,7 @@ def test_bad_slide_is_recorded_and_the_run_goes_on(slides, tmp_path):
                                       "--magnifications", "2.5,5", "--patch-size", "128", "--precision", "fp32"])
     assert result.exit_code == 1, result.output
     status = _status(tmp_path / "out")
-    assert status["good"]["status"] == "ok" and status["good"]["patches"].startswith("2.5x:")
+    assert status["good"]["status"] == "ok" and status["good"]["detail"].startswith("2.5x:")
     assert status["corrupt"]["status"] == "failed" and "not a whole-slide image" in status["corrupt"]["error"]
     assert (tmp_path / "out" / "features" / "good.h5").exists()
     assert not (tmp_path / "out" / "features" / "corrupt.h5").exists()
@@ -142,7 +146,8 @@ def test_write_feature_file_refuses_misaligned_rows(slides, tmp_path):
     with open_slide(slides / "s1.svs") as slide:
         grids = build_cascade(tissue_mask(slide, _config().tissue), slide.mpp, MAGS, patch_size=128)
     with pytest.raises(ValueError):
-        write_feature_file(tmp_path / "x.h5", {}, grids, [np.zeros((1, 4), np.float32)] * 2)
+        contract = run_contract(_config(), create_encoder("efficientnet_lite0", precision="fp32"))
+        write_feature_file(tmp_path / "x.h5", contract, {}, grids, [np.zeros((1, 4), np.float32)] * 2)
     assert not any(tmp_path.iterdir())
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from .atomic import write_bytes
 
-if TYPE_CHECKING:  # tissue imports this module at run time
+if TYPE_CHECKING:
     from .grid import PatchGrid
     from .tissue import TissueMask
 

@@ -24,7 +24,6 @@ import cv2
 import numpy as np
 
 from .errors import MaskError
-from .qc import tissue_geojson
 from .slide import Slide
 
 
@@ -309,10 +308,6 @@ class TissueMask:
             pieces.append([np.minimum((ring + 0.5) * self.downsample, self.level0_size)
                            for ring in exterior + holes])
         return pieces
-
-    def to_geojson(self) -> dict:
-        """The tissue as a QuPath-readable GeoJSON FeatureCollection (see :func:`zoompipe.qc.tissue_geojson`)."""
-        return tissue_geojson(self)
 
 
 def _rings(region: np.ndarray, offset: tuple[int, int]) -> list[np.ndarray]:

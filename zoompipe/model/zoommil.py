@@ -21,6 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from zoompipe.model.attention import GatedAttention, masked_softmax
+from zoompipe.model.output import ModelOutput as ZoomOutput
+from zoompipe.model.registry import register_model
 from zoompipe.model.topk import PerturbedTopK, topk_indices
 
 #: ``fetch_children(step, parents) -> (features, rows)``. ``parents`` holds the global rows,
@@ -89,48 +91,6 @@ class ZoomMILConfig:
         return cls(**data)
 
 
-@dataclass
-class ZoomOutput:
-    """Prediction for one slide, with what each magnification looked at.
-
-    Attributes
-    ----------
-    logits : Tensor
-        Class logits, shape (n_classes,).
-    rows : list of Tensor
-        Per magnification, the global rows (CPU LongTensor) of the bag that was attended: every
-        row at the base, the children of the selected patches above it.
-    attention : list of Tensor
-        Per magnification, the pooling attention over ``rows`` (sums to one).
-    selected : list of Tensor
-        Per magnification but the last, the global rows (CPU LongTensor, ascending) chosen for
-        zooming.
-    selection_scores : list of Tensor
-        Per magnification but the last, the auxiliary head's raw scores over ``rows``; the
-        ``selected`` rows are the top-K of these.
-    aux_loss : Tensor, optional
-        A training-only loss term, already weighted, that the training loop adds to the
-        cross-entropy (None when the model has none).
-
-    Notes
-    -----
-    In training mode the bags above the base are soft mixtures of patches, which have no global
-    rows, so only ``logits`` is filled and the lists are empty.
-    """
-
-    logits: Tensor
-    rows: list[Tensor] = field(default_factory=list)
-    attention: list[Tensor] = field(default_factory=list)
-    selected: list[Tensor] = field(default_factory=list)
-    selection_scores: list[Tensor] = field(default_factory=list)
-    aux_loss: Tensor | None = None
-
-    @property
-    def probabilities(self) -> Tensor:
-        """Class probabilities, shape (n_classes,)."""
-        return torch.softmax(self.logits, dim=-1)
-
-
 class Magnification(nn.Module):
     """Projection, pooling attention and, except at the last magnification, a zoom head."""
 
@@ -143,6 +103,7 @@ class Magnification(nn.Module):
         self.zoom = GatedAttention(config.hidden, config.attn_hidden) if zoom else None
 
 
+@register_model("zoommil")
 class ZoomMIL(nn.Module):
     """ZoomMIL classifier over a cascade of magnifications (one slide at a time).
 
@@ -151,6 +112,10 @@ class ZoomMIL(nn.Module):
     config : ZoomMILConfig
         Hyper-parameters.
     """
+
+    config_class = ZoomMILConfig
+    #: Above the base, only the children of the patches it selects (:meth:`infer`).
+    needs = "zoom"
 
     def __init__(self, config: ZoomMILConfig) -> None:
         super().__init__()
