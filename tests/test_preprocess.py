@@ -6,6 +6,7 @@ import csv
 import json
 import shutil
 
+import cv2
 import h5py
 import numpy as np
 import pytest
@@ -19,7 +20,12 @@ from zoompipe.patches import iter_patch_batches, read_patches
 from zoompipe.preprocess import PreprocessConfig, preprocess_slides, run_contract
 from zoompipe.slide import open_slide
 from zoompipe.synthetic import write_synthetic_slide
-from zoompipe.tissue import tissue_mask
+from zoompipe.qc import TISSUE_RGB
+from zoompipe.tissue import mask_from_geojson, tissue_mask
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
 
 MAGS = [2.5, 5.0]
 
@@ -68,8 +74,20 @@ def test_feature_file_matches_grid_and_direct_embedding(slides, tmp_path, encode
     # The explicit hierarchy survives the round trip: 4 children per parent, all present.
     index = children_index(saved.grids[0], saved.grids[1])
     assert index.shape == (len(saved.grids[0]), 4) and (index >= 0).all()
-    assert (tmp_path / "masks" / "s1.png").stat().st_size > 0
-    assert (tmp_path / "geojson" / "s1.geojson").stat().st_size > 0
+    with open_slide(slides / "s1.svs") as slide:
+        # The GeoJSON holds the tissue: rasterised again, it is the mask.
+        assert iou(mask_from_geojson(tmp_path / "geojson" / "s1.geojson", slide).mask, mask.mask) >= 0.99
+    # The QC image outlines that tissue in green: every outline pixel lies on the mask's edge,
+    # and the edge is outlined all around.
+    qc = cv2.imread(str(tmp_path / "masks" / "s1.png"))[..., ::-1]
+    green = (qc == TISSUE_RGB).all(axis=-1)
+    edge = cv2.resize(mask.mask.astype(np.uint8), qc.shape[1::-1], interpolation=cv2.INTER_NEAREST)
+    edge = cv2.morphologyEx(edge, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
+    scale = mask.mask.shape[1] / qc.shape[1]
+    near = lambda where, pixels: cv2.distanceTransform((~where).view(np.uint8), cv2.DIST_L2, 3) <= pixels
+    tolerance = 1 / scale + 2  # one mask pixel and the line width, in QC pixels
+    assert green.sum() > 100 and near(edge, tolerance)[green].all()
+    assert near(green, tolerance)[edge].mean() > 0.95
 
 
 def test_reader_threads_return_batches_in_order(slides):
@@ -162,3 +180,13 @@ def test_mask_drawn_in_qupath_replaces_segmentation(slides, tmp_path):
     assert [r.status for r in results] == ["ok"]
     base = read_feature_file(tmp_path / "out" / "features" / "s1.h5", load_features=False).grids[0]
     assert len(base) > 0 and (base.coords < 2048).all()
+
+
+@pytest.mark.parametrize("args", [["--batch-size", "0"], ["--encoder", "nope"], ["--workers", "0"],
+                                  ["--mask-dir", "/no/such/folder"]], ids=lambda a: " ".join(a))
+def test_bad_options_exit_2_before_anything_is_written(slides, tmp_path, args):
+    result = CliRunner().invoke(cli, ["preprocess", str(slides), "--out", str(tmp_path / "out"), *args])
+    assert result.exit_code == 2, result.output
+    line, = result.output.strip().splitlines()
+    assert line.startswith("error: ") and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
