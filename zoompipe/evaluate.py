@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from zoompipe.dataset import SlideDataset, read_labels, read_splits
-from zoompipe.errors import ZoompipeError
+from zoompipe.contract import first_disagreement
+from zoompipe.dataset import SlideDataset, agreed_contract, read_labels, read_splits
+from zoompipe.errors import ContractError, ZoompipeError
 from zoompipe.metrics import classification_metrics
 from zoompipe.model import load_run
 
@@ -108,6 +109,11 @@ def evaluate_run(
         feature_dim=model.config.in_dim,
         cache=False,
     )
+    features = agreed_contract(dataset.paths)
+    difference = features and config.pipeline and first_disagreement(config.pipeline, features)
+    if difference or (features is None) != (config.pipeline is None):
+        raise ContractError(f"{features_dir}: the features were not made like the training features of "
+                            f"{run_dir} ({difference or 'one of them records no pipeline contract'})")
     probabilities = torch.softmax(predict_logits(model, dataset, device), dim=1).numpy()
     metrics = {
         **classification_metrics(np.array(targets), probabilities),
