@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 from scipy.stats import rankdata
 
-from .engine import MagnificationReport, Prediction
+from .prediction import MagnificationReport, Prediction
 from .qc import GRID_RGB, overview_mpp, write_png
 from .slide import Slide
 from .tissue import TissueMask

@@ -15,16 +15,19 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from .atomic import atomic_path, write_text
-from .engine import Prediction, ZoomPredictor
 from .errors import CheckpointError, ZoompipeError, describe_failure, one_line
 from .heatmap import MAX_SIDE, write_heatmaps
+from .prediction import Prediction
 from .qc import write_geojson
 from .run_status import SlideStatus, check_unique_ids, write_record, write_table
 from .slide import load_mpp_overrides, open_slide
 from .tiling import tile_slide
+
+if TYPE_CHECKING:  # the engine loads torch; saved predictions and heatmaps do without it
+    from .engine import ZoomPredictor
 
 DEMO_MODEL = "demo_model"
 

@@ -1,8 +1,7 @@
 """What the single-magnification models share: their base settings and the dense-bag interface."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -41,10 +40,6 @@ class BagConfig:
         if self.in_dim < 1 or self.n_classes < 2 or self.hidden < 1:
             raise ValueError(f"need in_dim >= 1, n_classes >= 2 and hidden >= 1, got "
                              f"{self.in_dim}, {self.n_classes} and {self.hidden}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form of the configuration."""
-        return asdict(self)
 
 
 class BagModel(nn.Module):
