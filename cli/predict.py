@@ -48,7 +48,7 @@ def predict_command(slides, run_dir, out_dir, heatmap, geojson, profile, mask_di
     for outcome in outcomes:
         p = outcome.prediction
         if p is None:
-            click.echo(f"error: {outcome.path}: {outcome.error}", err=True)
+            click.echo(f"error: {outcome.error}", err=True)
             continue
         probabilities = ", ".join(f"{c} {v:.3f}" for c, v in zip(p.class_names, p.probabilities))
         click.echo(f"{p.slide_id}: {p.predicted}  ({probabilities})")

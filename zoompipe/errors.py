@@ -49,12 +49,16 @@ def one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
-def describe_failure(err: BaseException) -> str:
-    """The one-line reason a slide failed: the message of our errors, the type and place of others."""
+def describe_failure(err: BaseException, where: object) -> str:
+    """The one-line reason a slide failed.
+
+    The message of our errors, which names the slide; for any other exception, ``where`` (the
+    slide), the exception's type and message and the function that raised it.
+    """
     if isinstance(err, ZoompipeError):
         return one_line(err)
     tb = err.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    where = f" at {tb.tb_frame.f_code.co_name}" if tb is not None else ""
-    return f"internal error: {type(err).__name__}: {one_line(err)}{where}"
+    function = f" at {tb.tb_frame.f_code.co_name}" if tb is not None else ""
+    return f"{where}: internal error: {type(err).__name__}: {one_line(err)}{function}"

@@ -112,7 +112,7 @@ def predict_slides(paths: Sequence[str | Path], predictor: ZoomPredictor, out_di
                 outcome = PredictOutcome(path, _predict_one(path, predictor, out, heatmap, geojson,
                                                             overrides.get(path.stem, mpp), backend, progress))
             except Exception as err:  # one bad slide must not stop a batch
-                outcome = PredictOutcome(path, error=describe_failure(err))
+                outcome = PredictOutcome(path, error=describe_failure(err, path))
             outcomes.append(outcome)
             if out is not None:
                 p = outcome.prediction

@@ -226,7 +226,7 @@ def preprocess_slides(inputs: Sequence[str | Path], out_dir: str | Path, config:
                     if contract is None:
                         raise  # the encoder cannot be built: every slide would fail the same way
                     row = SlideStatus(slide_id, str(path), "failed", seconds=time.perf_counter() - start,
-                                      error=describe_failure(err))
+                                      error=describe_failure(err, path))
             write_record(out_dir, row)
             results.append(row)
     finally:
