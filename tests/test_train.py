@@ -356,3 +356,17 @@ def test_every_architecture_trains_evaluates_and_beats_chance(separable, tmp_pat
     assert model.config.magnifications == (MAGS if architecture == "zoommil" else [10.0])
     metrics = evaluate_run(run, features_dir, labels, tmp_path / "eval", split="test")
     assert metrics["n_slides"] == 6 and metrics["accuracy"] >= 5 / 6, metrics
+
+
+def test_evaluate_refuses_features_made_unlike_the_training_features(features, tmp_path: Path) -> None:
+    features_dir, labels = features
+    run = tmp_path / "run"
+    train_model(features_dir, labels, run, k=2, epochs=1, seed=0, progress=False)
+    other = tmp_path / "other"
+    other.mkdir()
+    for i, slide_id in enumerate(read_labels(labels)):
+        write_feature_file(other / f"{slide_id}.h5", label=i % 2, seed=i, contract=toy_contract(encoder="uni"))
+    with pytest.raises(ContractError) as info:
+        evaluate_run(run, other, labels, tmp_path / "eval")
+    assert "encoder.name: 'toy' vs 'uni'" in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "eval").exists()
