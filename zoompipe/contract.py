@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -34,15 +34,19 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+V = TypeVar("V", bound="Versioned")
+
+
 class Versioned(_Frozen):
     """A record read back from disk: refused unless written with this schema version."""
 
-    #: What the record is called in messages.
+    #: What the record is called in messages, and how to get one of this version.
     what: ClassVar[str] = "record"
-    schema_version: int = SCHEMA_VERSION
+    redo: ClassVar[str] = "write it again with this zoompipe"
+    schema_version: Literal[SCHEMA_VERSION] = SCHEMA_VERSION
 
     @classmethod
-    def from_data(cls, data: Any, source: str | Path) -> Any:
+    def from_data(cls: type[V], data: Any, source: str | Path) -> V:
         """Validate a decoded record; ``source`` names its file in error messages.
 
         Raises
@@ -53,7 +57,7 @@ class Versioned(_Frozen):
         found = data.get("schema_version") if isinstance(data, dict) else None
         if found != SCHEMA_VERSION:
             raise ContractError(f"{source}: {cls.what} schema version {'missing' if found is None else found}, "
-                                f"this zoompipe reads version {SCHEMA_VERSION}; redo it with this zoompipe")
+                                f"this zoompipe reads version {SCHEMA_VERSION}; {cls.redo}")
         try:
             return cls.model_validate(data)
         except ValidationError as err:
@@ -62,7 +66,7 @@ class Versioned(_Frozen):
             raise ContractError(f"{source}: invalid {cls.what} ({where}: {first['msg']})") from None
 
     @classmethod
-    def from_json(cls, text: str, source: str | Path) -> Any:
+    def from_json(cls: type[V], text: str, source: str | Path) -> V:
         """Parse a record written by :meth:`to_json`."""
         try:
             data = json.loads(text)
@@ -124,6 +128,7 @@ class PipelineContract(Versioned):
     """What a feature file's patches and features depend on; see the module docstring."""
 
     what: ClassVar[str] = "pipeline contract"
+    redo: ClassVar[str] = "run zoompipe preprocess again (and train on its features)"
     grid: GridSettings
     tissue: TissueSettings = Field(default_factory=TissueSettings)
     encoder: EncoderSettings

@@ -51,6 +51,7 @@ class RunConfig(Versioned):
     """
 
     what: ClassVar[str] = "run config"
+    redo: ClassVar[str] = "train the run again with this zoompipe"
     architecture: str
     model: dict[str, Any]
     class_names: list[str]
