@@ -181,7 +181,7 @@ def train_model(
     out_dir = Path(out_dir)
     class_names = sorted(set(labels.values()))
     if len(class_names) < 2:
-        raise ZoompipeError(f"{labels_csv} has a single class ({class_names[0]}); need two or more")
+        raise UsageError(f"{labels_csv} has a single class ({class_names[0]}); need two or more")
     splits = _splits(labels, labels_csv, splits_csv, fold, n_folds, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_splits(out_dir / "splits.csv", splits)
@@ -270,11 +270,11 @@ def _splits(
     if splits_csv is None:
         return make_splits(labels, n_folds=n_folds, fold=fold or 0, seed=seed)
     if fold is not None:
-        raise ZoompipeError("a fold picks a generated split; it cannot be combined with a splits CSV")
+        raise UsageError("a fold picks a generated split; it cannot be combined with a splits CSV")
     splits = read_splits(splits_csv)
     unlabelled = [s for s in splits if s not in labels]
     if unlabelled:
-        raise ZoompipeError(
+        raise UsageError(
             f"{len(unlabelled)} slides of {splits_csv} have no label in {labels_csv} "
             f"(first: {unlabelled[0]})"
         )
