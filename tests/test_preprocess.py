@@ -111,6 +111,13 @@ def test_resume_skips_done_and_redoes_deleted(slides, tmp_path):
     assert third == {"s1": "skipped", "s2": "ok"}
     assert (tmp_path / "features" / "s1.h5").stat().st_mtime_ns == stamp
     assert _status(tmp_path)["s1"]["status"] == "skipped"
+    # A damaged table or record never stops a run: the table is rebuilt from the records.
+    (tmp_path / "status.csv").write_bytes(b"\x00garbage")
+    (tmp_path / "status" / "s2.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="damaged status record"):
+        fourth = preprocess_slides([slides], tmp_path, config, progress=False)
+    assert [r.status for r in fourth] == ["skipped", "skipped"]
+    assert {k: r["status"] for k, r in _status(tmp_path).items()} == {"s1": "skipped", "s2": "skipped"}
 
 
 def test_interrupted_write_leaves_no_complete_looking_file(slides, tmp_path, monkeypatch):
