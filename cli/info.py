@@ -19,7 +19,7 @@ from zoompipe.slide import open_slide
 def info_command(slides: tuple[str, ...], backend: str, mpp: float | None, as_json: bool) -> None:
     """Print backend, vendor, size, pyramid levels, mpp (and its source) and magnification of SLIDES.
 
-    Every slide is reported; the exit status is 2 if any could not be opened.
+    Every slide is reported; the exit status is 1 if any could not be opened.
     """
     failed = 0
     for path in slides:
@@ -42,4 +42,4 @@ def info_command(slides: tuple[str, ...], backend: str, mpp: float | None, as_js
         for level, ((lw, lh), ds) in enumerate(zip(info["level_dimensions"], info["level_downsamples"])):
             click.echo(f"  level {level}   {lw} x {lh} px, downsample {ds:g}, {info['mpp'] * ds:.4g} um/px")
     if failed:
-        raise SystemExit(2)
+        raise SystemExit(1)

@@ -1,25 +1,22 @@
 """The ``zoompipe`` command group.
 
-Every command is a few lines over the library. Errors a user can cause are printed as
-``error: <message>`` with exit status 2; ``--debug`` shows the traceback instead.
+Every command is a few lines over the library. Errors are printed here, and only here, as one
+line ``error: <message>``, with click's exit statuses: 2 for a usage error (a bad option value,
+refused before any work starts), 1 for a slide or a run that failed. ``--debug`` shows the
+traceback of library errors instead.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import warnings
-
-# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning, which leaves the CPU
-# to the patch reader threads between encoder batches (82% -> 90% of the encoder-alone rate on
-# 2 cores, benchmarks/extract.py).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import click
 
 from zoompipe import __version__
-from zoompipe.errors import ZoompipeError
+from zoompipe.environment import apply_speed_settings
+from zoompipe.errors import UsageError, ZoompipeError
 
 from .evaluate import evaluate_command
 from .info import info_command
@@ -29,8 +26,16 @@ from .synth import synth_command
 from .train import train_command
 
 
+class _Reported(click.ClickException):
+    """A library error on its way to :meth:`ZoompipeGroup.main`."""
+
+    def __init__(self, err: ZoompipeError) -> None:
+        super().__init__(str(err))
+        self.exit_code = 2 if isinstance(err, UsageError) else 1
+
+
 class ZoompipeGroup(click.Group):
-    """Turns library errors into one line and exit status 2."""
+    """Reports every error as one line with click's exit status."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -38,8 +43,18 @@ class ZoompipeGroup(click.Group):
         except ZoompipeError as err:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"error: {err}", err=True)
-            ctx.exit(2)
+            raise _Reported(err) from None
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            status = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as err:
+            click.echo(f"error: {' '.join(err.format_message().split())}", err=True)
+            status = err.exit_code
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            status = 1
+        sys.exit(status if isinstance(status, int) else 0)
 
 
 @click.group(cls=ZoompipeGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -60,8 +75,10 @@ for command in (info_command, synth_command, preprocess_command, train_command, 
 
 
 def main() -> None:
+    """The console entry point: speed settings first (before torch loads), then the commands."""
+    apply_speed_settings()
     cli(prog_name="zoompipe")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -35,13 +35,20 @@ slide_options = _stack(
     click.option("--backend", type=click.Choice(["auto", "openslide", "tiffslide"]), default="auto",
                  help="Slide library; auto prefers OpenSlide and falls back to tiffslide."),
     click.option("--mpp", type=float, default=None, help="Level-0 microns per pixel for slides that lack it."),
-    click.option("--mpp-csv", type=click.Path(dir_okay=False), default=None,
+    click.option("--mpp-csv", type=click.Path(exists=True, dir_okay=False), default=None,
                  help="CSV slide_id,mpp of per-slide overrides."),
 )
 
 #: Where and how patches are embedded (preprocess, predict).
 compute_options = _stack(
     click.option("--device", default="cpu", help="cpu, cuda, cuda:1 ..."),
-    click.option("--batch-size", type=int, default=32, help="Patches per encoder batch."),
-    click.option("--workers", type=int, default=2, help="Patch reader threads, each with its own slide handle."),
+    click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Patches per encoder batch."),
+    click.option("--workers", type=click.IntRange(min=1), default=2,
+                 help="Patch reader threads, each with its own slide handle."),
 )
+
+#: The user-drawn tissue masks of a run (preprocess, predict, heatmap).
+mask_dir_option = click.option(
+    "--mask-dir", type=click.Path(exists=True, file_okay=False), default=None,
+    help="Folder of <slide_id>.geojson (QuPath) or <slide_id>.png tissue masks used instead of segmenting; "
+         "predict needs the folder the run was preprocessed with.")

@@ -6,12 +6,7 @@ from pathlib import Path
 
 import click
 
-from zoompipe.engine import ZoomPredictor
-from zoompipe.heatmap import write_heatmaps
-from zoompipe.predict import demo_run_dir, predict_slides, profile_table, read_prediction
-from zoompipe.slide import open_slide
-
-from .options import compute_options, slide_options
+from .options import compute_options, mask_dir_option, slide_options
 
 
 @click.command("predict")
@@ -19,30 +14,35 @@ from .options import compute_options, slide_options
 @click.option("--model", "run_dir", type=click.Path(file_okay=False), default=None,
               help="Run folder of `zoompipe train` [default: the demo model shipped with zoompipe].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="predictions",
-              help="Folder for <slide_id>.json, heatmaps, GeoJSON and predictions.csv.")
+              help="Folder for <slide_id>.json, heatmaps, GeoJSON, status records and predictions.csv.")
 @click.option("--heatmap", is_flag=True, help="Write attention heatmap PNGs.")
 @click.option("--geojson", is_flag=True, help="Write the attended regions as GeoJSON (QuPath).")
 @click.option("--profile", is_flag=True, help="Print seconds per stage and patches per magnification.")
+@mask_dir_option
 @compute_options
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None,
-              help="Encoder precision [default: the one the training features used].")
-@click.option("--encoder-weights", type=click.Path(dir_okay=False), default=None,
-              help="Encoder weights file, for encoders whose weights do not ship with zoompipe.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+              help="Encoder precision: auto is fp16 on CUDA, bf16 on CPUs with native bf16, else fp32.")
+@click.option("--encoder-weights", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Encoder weights file, when the training features were made with one.")
 @slide_options
-def predict_command(slides, run_dir, out_dir, heatmap, geojson, profile, device, precision, encoder_weights,
-                    batch_size, workers, backend, mpp, mpp_csv) -> None:
+def predict_command(slides, run_dir, out_dir, heatmap, geojson, profile, mask_dir, device, precision,
+                    encoder_weights, batch_size, workers, backend, mpp, mpp_csv) -> None:
     """Classify raw SLIDES, reading high magnifications only where the model zooms.
 
     Prints the predicted class and probabilities of every slide and writes OUT/<slide_id>.json
     (probabilities; per magnification the patches embedded, their level-0 boxes, attention and
-    the ones zoomed into; timings). A failing slide gets a one-line error and the others go on;
-    the exit status is 1 if any slide failed.
+    the ones zoomed into; timings), OUT/status/<slide_id>.json and OUT/predictions.csv, which
+    grows slide by slide. A failing slide gets a one-line error and the others go on; the exit
+    status is 1 if any slide failed.
     """
+    from zoompipe.engine import ZoomPredictor
+    from zoompipe.predict import demo_run_dir, predict_slides, profile_table
+
     if run_dir is None:
         run_dir = demo_run_dir()
         click.echo(f"using the demo model ({run_dir}); it was trained on synthetic slides", err=True)
     predictor = ZoomPredictor(run_dir, device=device, precision=precision, encoder_weights=encoder_weights,
-                              batch_size=batch_size, workers=workers)
+                              batch_size=batch_size, workers=workers, mask_dir=mask_dir)
     outcomes = predict_slides(slides, predictor, out_dir, heatmap=heatmap, geojson=geojson, mpp=mpp,
                               mpp_csv=mpp_csv, backend=backend, progress=profile)
     for outcome in outcomes:
@@ -59,14 +59,17 @@ def predict_command(slides, run_dir, out_dir, heatmap, geojson, profile, device,
 
 
 @click.command("heatmap")
-@click.argument("prediction", type=click.Path(dir_okay=False))
+@click.argument("prediction", type=click.Path(exists=True, dir_okay=False))
 @click.argument("slide", type=click.Path())
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output folder [default: beside PREDICTION].")
-@click.option("--max-side", type=int, default=2048, help="Longest side of the heatmap thumbnail in pixels.")
-def heatmap_command(prediction, slide, out_dir, max_side) -> None:
+@click.option("--max-side", type=click.IntRange(min=16), default=2048,
+              help="Longest side of the heatmap thumbnail in pixels.")
+@mask_dir_option
+def heatmap_command(prediction, slide, out_dir, max_side, mask_dir) -> None:
     """Redraw the heatmaps of a saved PREDICTION (<slide_id>.json of `zoompipe predict`) on SLIDE."""
-    result = read_prediction(prediction)
-    with open_slide(slide, mpp=result.slide_mpp) as handle:
-        for path in write_heatmaps(result, handle, out_dir or Path(prediction).parent, max_side=max_side):
-            click.echo(str(path))
+    from zoompipe.predict import redraw_heatmaps
+
+    for path in redraw_heatmaps(prediction, slide, out_dir or Path(prediction).parent, mask_dir=mask_dir,
+                                max_side=max_side):
+        click.echo(str(path))

@@ -5,10 +5,9 @@ from __future__ import annotations
 import click
 
 from zoompipe.encoders import DEFAULT_ENCODER, list_encoders
-from zoompipe.preprocess import PreprocessConfig, preprocess_slides
 from zoompipe.tissue import PRESETS, get_params
 
-from .options import compute_options, parse_magnifications, slide_options
+from .options import compute_options, mask_dir_option, parse_magnifications, slide_options
 
 
 @click.command("preprocess")
@@ -16,15 +15,16 @@ from .options import compute_options, parse_magnifications, slide_options
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--magnifications", default="1.25,2.5,10", callback=parse_magnifications,
               help="Cascade, base first, integer ratios; '1.25' alone for a single scale.")
-@click.option("--patch-size", type=int, default=256, help="Patch side in pixels at every magnification.")
-@click.option("--min-tissue", type=float, default=0.1, help="Tissue fraction a base patch needs.")
+@click.option("--patch-size", type=click.IntRange(min=1), default=256,
+              help="Patch side in pixels at every magnification.")
+@click.option("--min-tissue", type=click.FloatRange(0, 1), default=0.1, help="Tissue fraction a base patch needs.")
 @click.option("--tissue-preset", type=click.Choice(sorted(PRESETS)), default="default",
               help="Tissue segmentation preset.")
-@click.option("--mask-mpp", type=float, default=None, help="Resolution of the tissue mask [default: preset's].")
-@click.option("--mask-dir", type=click.Path(file_okay=False), default=None,
-              help="Folder of <slide_id>.geojson (QuPath) or <slide_id>.png tissue masks to use instead of segmenting.")
+@click.option("--mask-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Resolution of the tissue mask [default: preset's].")
+@mask_dir_option
 @click.option("--encoder", default=DEFAULT_ENCODER, help=f"Patch encoder: {', '.join(list_encoders())}, timm:<name>.")
-@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Encoder weights file (safetensors or torch).")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None, help="Encoder weights file (safetensors or torch).")
 @compute_options
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
               help="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32.")
@@ -35,10 +35,13 @@ def preprocess_command(slides, out_dir, magnifications, patch_size, min_tissue, 
     """Segment tissue, tile every magnification of the cascade and embed every patch.
 
     SLIDES are slide files, folders (searched recursively) or CSVs with a slide_path column.
-    Writes OUT/features/<slide_id>.h5, OUT/masks/<slide_id>.png, OUT/geojson/<slide_id>.geojson
-    and OUT/status.csv. Finished slides are skipped; a failing slide is recorded and the run goes
-    on; the exit status is 1 when any slide failed.
+    Writes OUT/features/<slide_id>.h5 (with the pipeline contract), OUT/masks/<slide_id>.png,
+    OUT/geojson/<slide_id>.geojson, OUT/status/<slide_id>.json and OUT/status.csv. Finished slides
+    are skipped; a failing slide is recorded and the run goes on; the exit status is 1 when any
+    slide failed, 2 for bad options or inputs (then nothing is written).
     """
+    from zoompipe.preprocess import PreprocessConfig, preprocess_slides
+
     overrides = {"mask_mpp": mask_mpp} if mask_mpp else {}
     config = PreprocessConfig(
         magnifications=magnifications, patch_size=patch_size, min_tissue=min_tissue,
@@ -47,7 +50,7 @@ def preprocess_command(slides, out_dir, magnifications, patch_size, min_tissue, 
         mask_dir=mask_dir)
     results = preprocess_slides(slides, out_dir, config, overwrite=overwrite)
     for row in results:
-        detail = row.error if row.status == "failed" else row.patches
+        detail = row.error if row.status == "failed" else row.detail
         click.echo(f"{row.status:8s} {row.slide_id}  {detail}", err=row.status == "failed")
     failed = sum(r.status == "failed" for r in results)
     click.echo(f"{len(results) - failed} of {len(results)} slides done, {failed} failed; see {out_dir}/status.csv")

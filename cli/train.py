@@ -1,11 +1,10 @@
-"""``zoompipe train``: fit ZoomMIL on feature files."""
+"""``zoompipe train``: fit a MIL model (ZoomMIL by default) on feature files."""
 from __future__ import annotations
 
 import json
 
 import click
 
-from zoompipe.train import train_model
 from zoompipe.train_defaults import DEFAULT_K, DEFAULT_MAX_GRAD_NORM
 
 from .options import parse_magnifications
@@ -27,8 +26,11 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
               help="CSV slide_id,split (train/val/test) [default: a 5-fold split, stratified by class, "
                    "grouped by the labels' optional patient_id column].")
 @click.option("--fold", type=int, default=None, help="Test fold of the generated split [default: 0].")
+@click.option("--architecture", default="zoommil",
+              help="Model: zoommil, or a baseline on one magnification: abmil, clam_sb, transmil.")
 @click.option("--magnifications", callback=parse_magnifications, default=None,
-              help="Cascade to train on, e.g. 1.25,2.5,10; one value trains ABMIL [default: the files'].")
+              help="Cascade to train on, e.g. 1.25,2.5,10 [default: the files' cascade for zoommil, "
+                   "their highest magnification for the baselines].")
 @click.option("--k", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_K, callback=_check_k,
               help="Patches to zoom into per step: a count >= 1, or a fraction in (0, 1) of each "
                    "slide's base bag (0.125 = N/8; capped at the bag, at least 1).")
@@ -42,7 +44,7 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
                    "them through the perturbed top-K alone.")
 @click.option("--max-grad-norm", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MAX_GRAD_NORM,
               help="Clip each step's gradient norm to this value.")
-@click.option("--epochs", type=int, default=100, help="Maximum epochs.")
+@click.option("--epochs", type=click.IntRange(min=1), default=100, help="Maximum epochs.")
 @click.option("--lr", type=float, default=1e-4, help="Adam learning rate.")
 @click.option("--weight-decay", type=float, default=0.0, help="Adam weight decay.")
 @click.option("--seed", type=int, default=0, help="Seed of the initialisation, sampling and noise.")
@@ -50,15 +52,19 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
 @click.option("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
 @click.option("--patience", type=int, default=None, help="Stop after this many epochs without a better val F1.")
 @click.option("--cache/--no-cache", default=True, help="Keep feature bags in memory between epochs.")
-def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, magnifications, k, hidden, attn_hidden, sigma,
-                  sigma_end, zoom_target_weight, max_grad_norm, epochs, lr, weight_decay, seed, split_seed, device,
-                  patience, cache) -> None:
-    """Train ZoomMIL; keep the epoch with the best validation weighted F1.
+def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, architecture, magnifications, k, hidden,
+                  attn_hidden, sigma, sigma_end, zoom_target_weight, max_grad_norm, epochs, lr, weight_decay, seed,
+                  split_seed, device, patience, cache) -> None:
+    """Train a model; keep the epoch with the best validation weighted F1.
 
-    Writes OUT/model.safetensors and OUT/config.json (best epoch), OUT/splits.csv, OUT/log.csv and
-    OUT/train_summary.json.
+    Writes OUT/model.safetensors and OUT/config.json (best epoch; architecture, hyper-parameters,
+    classes and the pipeline contract every training file agrees on), OUT/splits.csv, OUT/log.csv
+    and OUT/train_summary.json.
     """
-    summary = train_model(features_dir, labels_csv, out_dir, splits_csv=splits_csv, fold=fold,
+    from zoompipe.train import train_model
+
+    summary = train_model(features_dir, labels_csv, out_dir, architecture=architecture, splits_csv=splits_csv,
+                          fold=fold,
                           magnifications=magnifications, k=k, hidden=hidden,
                           attn_hidden=attn_hidden, sigma=sigma, sigma_end=sigma_end,
                           zoom_target_weight=zoom_target_weight, max_grad_norm=max_grad_norm,

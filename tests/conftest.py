@@ -8,7 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from zoompipe.environment import apply_speed_settings
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+apply_speed_settings()  # before any test module imports torch
 
 CMU_SLIDE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "CMU-1-Small-Region.svs"
 

@@ -9,17 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from zoompipe import __version__
+from zoompipe.contract import EncoderSettings, GridSettings, PipelineContract
 from zoompipe.errors import CheckpointError
 from zoompipe.model import ZoomMIL, ZoomMILConfig, load_run, save_run
 
-PIPELINE = {
-    "encoder": {"name": "tf_efficientnet_lite0", "feature_dim": 16},
-    "magnifications": [1.25, 2.5],
-    "mpp": [8.0, 4.0],
-    "patch_size": 256,
-    "tissue": {"saturation_threshold": 20, "median_blur": 7},
-}
+PIPELINE = PipelineContract(
+    grid=GridSettings(magnifications=[1.25, 2.5], patch_size=256, min_tissue=0.1),
+    encoder=EncoderSettings(name="efficientnet_lite0", feature_dim=16, weights="test", precision="fp32"))
 
 
 def _model(**kwargs) -> ZoomMIL:
@@ -31,7 +27,7 @@ def _model(**kwargs) -> ZoomMIL:
 
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
-    return save_run(tmp_path / "run", _model(), ["a", "b", "c"], PIPELINE)
+    return save_run(tmp_path / "run", _model(), "zoommil", ["a", "b", "c"], PIPELINE)
 
 
 def test_round_trip_gives_identical_logits(run_dir: Path) -> None:
@@ -41,10 +37,10 @@ def test_round_trip_gives_identical_logits(run_dir: Path) -> None:
     assert not model.training
     torch.testing.assert_close(model(bags, children).logits, _model()(bags, children).logits,
                                rtol=0, atol=0)
-    assert config["class_names"] == ["a", "b", "c"]
-    assert config["model"] == _model().config.to_dict()
-    assert config["zoompipe_version"] == __version__
-    assert {key: config[key] for key in PIPELINE} == PIPELINE
+    assert config.class_names == ["a", "b", "c"] and config.architecture == "zoommil"
+    assert config.model == _model().config.to_dict()
+    assert config.schema_version == 1
+    assert config.pipeline == PIPELINE
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "model.safetensors"]
 
 
@@ -71,6 +67,14 @@ def _edit_model_config(**changes):
     return edit
 
 
+def _edit_config(**changes):
+    def edit(run_dir: Path) -> None:
+        path = run_dir / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+    return edit
+
+
 BAD_CASES = {
     "missing folder": shutil.rmtree,
     "missing config": lambda run_dir: (run_dir / "config.json").unlink(),
@@ -79,6 +83,9 @@ BAD_CASES = {
     "random bytes": _write_random,
     "truncated weights": _truncate,
     "invalid json": lambda run_dir: (run_dir / "config.json").write_text('{"model": {'),
+    "old schema": _edit_config(schema_version=0),
+    "no schema": _edit_config(schema_version=None),
+    "unknown architecture": _edit_config(architecture="resnet"),
     "size mismatch": _edit_model_config(in_dim=32),
     "missing tensors": _edit_model_config(magnifications=[1.25, 2.5, 10.0]),
     "unexpected tensors": _edit_model_config(magnifications=[1.25]),
@@ -97,17 +104,18 @@ def test_bad_run_folder_raises_one_line_checkpoint_error(run_dir: Path, case: st
     assert message and "\n" not in message
     if case == "pickle weights":
         assert "pickle" in message
+    if case.endswith("schema"):
+        assert "version" in message and "reads version 1" in message
 
 
 def test_save_replaces_a_previous_run(run_dir: Path) -> None:
-    save_run(run_dir, _model(n_classes=2), ["x", "y"], {})
+    save_run(run_dir, _model(n_classes=2), "zoommil", ["x", "y"], None)
     model, config = load_run(run_dir)
-    assert config["class_names"] == ["x", "y"] and model.config.n_classes == 2
+    assert config.class_names == ["x", "y"] and model.config.n_classes == 2 and config.pipeline is None
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "model.safetensors"]
 
 
 def test_save_rejects_inconsistent_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
-        save_run(tmp_path, _model(), ["a", "b"], {})
-    with pytest.raises(ValueError):
-        save_run(tmp_path, _model(), ["a", "b", "c"], {"model": {}})
+        save_run(tmp_path, _model(), "zoommil", ["a", "b"], None)
+    assert not any(tmp_path.iterdir())

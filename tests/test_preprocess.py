@@ -6,6 +6,7 @@ import csv
 import json
 import shutil
 
+import cv2
 import h5py
 import numpy as np
 import pytest
@@ -16,10 +17,15 @@ from zoompipe.encoders import create_encoder
 from zoompipe.features import read_feature_file, write_feature_file
 from zoompipe.grid import build_cascade, children_index
 from zoompipe.patches import iter_patch_batches, read_patches
-from zoompipe.preprocess import PreprocessConfig, preprocess_slides
+from zoompipe.preprocess import PreprocessConfig, preprocess_slides, run_contract
 from zoompipe.slide import open_slide
 from zoompipe.synthetic import write_synthetic_slide
-from zoompipe.tissue import tissue_mask
+from zoompipe.qc import TISSUE_RGB
+from zoompipe.tissue import mask_from_geojson, tissue_mask
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
 
 MAGS = [2.5, 5.0]
 
@@ -50,7 +56,11 @@ def test_feature_file_matches_grid_and_direct_embedding(slides, tmp_path, encode
     results = preprocess_slides([slides / "s1.svs"], tmp_path, _config(), progress=False)
     assert [r.status for r in results] == ["ok"]
     saved = read_feature_file(tmp_path / "features" / "s1.h5")
-    assert saved.attrs["encoder"] == "efficientnet_lite0" and saved.attrs["feature_dim"] == 1280
+    contract = saved.contract
+    assert (contract.encoder.name, contract.encoder.feature_dim, contract.encoder.precision) == \
+        ("efficientnet_lite0", 1280, "fp32")
+    assert contract.grid.magnifications == tuple(MAGS) and contract.grid.patch_size == 128
+    assert contract.slide.mpp == 0.5 and contract.tissue.user_masks is None
     assert saved.magnifications == MAGS
     with open_slide(slides / "s1.svs") as slide:
         mask = tissue_mask(slide, _config().tissue)
@@ -64,8 +74,20 @@ def test_feature_file_matches_grid_and_direct_embedding(slides, tmp_path, encode
     # The explicit hierarchy survives the round trip: 4 children per parent, all present.
     index = children_index(saved.grids[0], saved.grids[1])
     assert index.shape == (len(saved.grids[0]), 4) and (index >= 0).all()
-    assert (tmp_path / "masks" / "s1.png").stat().st_size > 0
-    assert (tmp_path / "geojson" / "s1.geojson").stat().st_size > 0
+    with open_slide(slides / "s1.svs") as slide:
+        # The GeoJSON holds the tissue: rasterised again, it is the mask.
+        assert iou(mask_from_geojson(tmp_path / "geojson" / "s1.geojson", slide).mask, mask.mask) >= 0.99
+    # The QC image outlines that tissue in green: every outline pixel lies on the mask's edge,
+    # and the edge is outlined all around.
+    qc = cv2.imread(str(tmp_path / "masks" / "s1.png"))[..., ::-1]
+    green = (qc == TISSUE_RGB).all(axis=-1)
+    edge = cv2.resize(mask.mask.astype(np.uint8), qc.shape[1::-1], interpolation=cv2.INTER_NEAREST)
+    edge = cv2.morphologyEx(edge, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
+    scale = mask.mask.shape[1] / qc.shape[1]
+    near = lambda where, pixels: cv2.distanceTransform((~where).view(np.uint8), cv2.DIST_L2, 3) <= pixels
+    tolerance = 1 / scale + 2  # one mask pixel and the line width, in QC pixels
+    assert green.sum() > 100 and near(edge, tolerance)[green].all()
+    assert near(green, tolerance)[edge].mean() > 0.95
 
 
 def test_reader_threads_return_batches_in_order(slides):
@@ -89,6 +111,13 @@ def test_resume_skips_done_and_redoes_deleted(slides, tmp_path):
     assert third == {"s1": "skipped", "s2": "ok"}
     assert (tmp_path / "features" / "s1.h5").stat().st_mtime_ns == stamp
     assert _status(tmp_path)["s1"]["status"] == "skipped"
+    # A damaged table or record never stops a run: the table is rebuilt from the records.
+    (tmp_path / "status.csv").write_bytes(b"\x00garbage")
+    (tmp_path / "status" / "s2.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="damaged status record"):
+        fourth = preprocess_slides([slides], tmp_path, config, progress=False)
+    assert [r.status for r in fourth] == ["skipped", "skipped"]
+    assert {k: r["status"] for k, r in _status(tmp_path).items()} == {"s1": "skipped", "s2": "skipped"}
 
 
 def test_interrupted_write_leaves_no_complete_looking_file(slides, tmp_path, monkeypatch):
@@ -117,7 +146,7 @@ def test_bad_slide_is_recorded_and_the_run_goes_on(slides, tmp_path):
                                       "--magnifications", "2.5,5", "--patch-size", "128", "--precision", "fp32"])
     assert result.exit_code == 1, result.output
     status = _status(tmp_path / "out")
-    assert status["good"]["status"] == "ok" and status["good"]["patches"].startswith("2.5x:")
+    assert status["good"]["status"] == "ok" and status["good"]["detail"].startswith("2.5x:")
     assert status["corrupt"]["status"] == "failed" and "not a whole-slide image" in status["corrupt"]["error"]
     assert (tmp_path / "out" / "features" / "good.h5").exists()
     assert not (tmp_path / "out" / "features" / "corrupt.h5").exists()
@@ -142,7 +171,8 @@ def test_write_feature_file_refuses_misaligned_rows(slides, tmp_path):
     with open_slide(slides / "s1.svs") as slide:
         grids = build_cascade(tissue_mask(slide, _config().tissue), slide.mpp, MAGS, patch_size=128)
     with pytest.raises(ValueError):
-        write_feature_file(tmp_path / "x.h5", {}, grids, [np.zeros((1, 4), np.float32)] * 2)
+        contract = run_contract(_config(), create_encoder("efficientnet_lite0", precision="fp32"))
+        write_feature_file(tmp_path / "x.h5", contract, {}, grids, [np.zeros((1, 4), np.float32)] * 2)
     assert not any(tmp_path.iterdir())
 
 
@@ -157,3 +187,13 @@ def test_mask_drawn_in_qupath_replaces_segmentation(slides, tmp_path):
     assert [r.status for r in results] == ["ok"]
     base = read_feature_file(tmp_path / "out" / "features" / "s1.h5", load_features=False).grids[0]
     assert len(base) > 0 and (base.coords < 2048).all()
+
+
+@pytest.mark.parametrize("args", [["--batch-size", "0"], ["--encoder", "nope"], ["--workers", "0"],
+                                  ["--mask-dir", "/no/such/folder"]], ids=lambda a: " ".join(a))
+def test_bad_options_exit_2_before_anything_is_written(slides, tmp_path, args):
+    result = CliRunner().invoke(cli, ["preprocess", str(slides), "--out", str(tmp_path / "out"), *args])
+    assert result.exit_code == 2, result.output
+    line, = result.output.strip().splitlines()
+    assert line.startswith("error: ") and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()

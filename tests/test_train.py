@@ -12,17 +12,17 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from zoompipe.cli.evaluate import evaluate_command
-from zoompipe.cli.train import train_command
+from zoompipe.cli.main import cli
+from zoompipe.contract import EncoderSettings, GridSettings, PipelineContract, SlideSettings
 from zoompipe.dataset import (
     SlideDataset,
+    agreed_contract,
     make_splits,
     read_bags,
     read_labels,
-    read_pipeline_metadata,
     read_splits,
 )
-from zoompipe.errors import FeatureFileError, ZoompipeError
+from zoompipe.errors import ContractError, FeatureFileError, UsageError
 from zoompipe.evaluate import evaluate_run
 from zoompipe.features import write_feature_file as write_preprocessed
 from zoompipe.grid import PatchGrid, child_grid
@@ -34,11 +34,19 @@ MAGS = [1.25, 2.5, 10.0]
 LEVEL0_MPP = 0.25
 PATCH = 256
 DIM = 16
-TISSUE = {"saturation_threshold": 20, "median_blur": 7}
+
+
+def toy_contract(encoder: str = "toy", min_tissue: float = 0.1, mpp: float = LEVEL0_MPP) -> PipelineContract:
+    """The contract of the toy feature files, with this slide's resolution."""
+    return PipelineContract(
+        grid=GridSettings(magnifications=MAGS, patch_size=PATCH, min_tissue=min_tissue),
+        encoder=EncoderSettings(name=encoder, feature_dim=DIM, weights="toy", precision="fp32"),
+        slide=SlideSettings(mpp=mpp, mpp_source="override"))
 
 
 def write_feature_file(
-    path: Path, label: int, seed: int, n_base: int = 6, drop: float = 0.0
+    path: Path, label: int, seed: int, n_base: int = 6, drop: float = 0.0,
+    contract: PipelineContract | None = None, shift: float = 1.5,
 ) -> list[dict[str, np.ndarray]]:
     """Write a zoompipe feature file with plain h5py, in preprocess's layout; return its groups.
 
@@ -68,11 +76,11 @@ def write_feature_file(
         parent = parent[order] if new_row_of_prev is None else new_row_of_prev[parent[order]]
         new_row_of_prev = np.argsort(order)
         features = rng.normal(size=(len(xy), DIM)).astype(np.float32)
-        features[:, 0] += 1.5 * label
+        features[:, 0] += shift * label
         groups.append({"coords": xy[order].astype(np.int64), "features": features, "parent": parent})
     with h5py.File(path, "w") as f:
-        f.attrs.update(slide_id=path.stem, encoder="toy", feature_dim=DIM, magnifications=MAGS,
-                       patch_size=PATCH, tissue=json.dumps(TISSUE))
+        f.attrs.update(slide_id=path.stem, magnifications=MAGS,
+                       pipeline=(contract or toy_contract(mpp=0.25 + seed / 1000)).to_json())
         for m, g in zip(MAGS, groups):
             group = f.create_group(f"{m:g}x")
             side = PATCH * 10 / m / LEVEL0_MPP
@@ -135,13 +143,34 @@ def test_clam_layout_and_bad_files(tmp_path: Path) -> None:
         assert "\n" not in str(info.value)
 
 
-def test_pipeline_metadata_copies_the_file_attributes(tmp_path: Path) -> None:
-    write_feature_file(tmp_path / "s.h5", label=0, seed=3)
-    meta = read_pipeline_metadata(tmp_path / "s.h5", MAGS)
-    assert meta == {"magnifications": MAGS, "encoder": {"name": "toy", "feature_dim": DIM},
-                    "patch_size": PATCH, "tissue": TISSUE, "mpp": [8.0, 4.0, 1.0], "grid_magnifications": MAGS}
-    # A model on one magnification of the cascade still records the whole cascade for predict.
-    assert read_pipeline_metadata(tmp_path / "s.h5", [10.0])["grid_magnifications"] == MAGS
+def test_training_files_must_agree_on_the_contract(tmp_path: Path) -> None:
+    for i in range(3):  # each slide its own resolution: that is not a disagreement
+        write_feature_file(tmp_path / f"s{i}.h5", label=0, seed=i)
+    paths = sorted(tmp_path.glob("*.h5"))
+    agreed = agreed_contract(paths)
+    assert agreed == toy_contract().for_run() and agreed.slide is None
+    write_feature_file(tmp_path / "other.h5", label=0, seed=9, contract=toy_contract(encoder="resnet50_trunc"))
+    write_feature_file(tmp_path / "tissue.h5", label=0, seed=9, contract=toy_contract(min_tissue=0.5))
+    for odd, field in (("other.h5", "encoder.name: 'toy' vs 'resnet50_trunc'"),
+                       ("tissue.h5", "grid.min_tissue: 0.1 vs 0.5")):
+        with pytest.raises(ContractError) as info:
+            agreed_contract([*paths, tmp_path / odd])  # the odd one last: every file is checked
+        message = str(info.value)
+        assert "\n" not in message and field in message
+        assert str(tmp_path / odd) in message and str(paths[0]) in message
+
+
+def test_feature_file_of_another_schema_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "old.h5"
+    write_feature_file(path, label=0, seed=0)
+    with h5py.File(path, "a") as f:
+        f.attrs["pipeline"] = f.attrs["pipeline"].replace('"schema_version":1', '"schema_version":7')
+    with pytest.raises(ContractError, match="schema version 7, this zoompipe reads version 1"):
+        read_bags(path, MAGS)
+    with h5py.File(path, "a") as f:
+        del f.attrs["pipeline"]
+    with pytest.raises(ContractError, match="schema version missing"):
+        read_bags(path, MAGS)
 
 
 def test_stratified_folds_test_every_slide_once() -> None:
@@ -169,7 +198,7 @@ def test_splits_put_every_class_in_every_split_or_refuse() -> None:
     tested = [s for f in range(5) for s, role in make_splits(labels, 5, f, seed=3).items()
               if role == "test" and labels[s] != "c"]
     assert sorted(tested) == sorted(s for s in labels if labels[s] != "c")
-    with pytest.raises(ZoompipeError, match="class 'c' has 2 patient"):
+    with pytest.raises(UsageError, match="class 'c' has 2 patient"):
         make_splits({k: v for k, v in labels.items() if k != "u2"}, n_folds=5)
 
 
@@ -191,7 +220,10 @@ def test_metrics() -> None:
     metrics = classification_metrics(labels, probs)
     assert metrics["accuracy"] == pytest.approx(4 / 6)
     assert metrics["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
-    assert 0 < metrics["auc"] < 1 and 0 < metrics["weighted_f1"] < 1
+    # One-vs-rest AUCs counted by hand over (positive, negative) pairs, ties counting half:
+    # class 0: 5/8, class 1: 7/8, class 2: 6/8. Per-class F1: 1/2, 4/5, 2/3, equal supports.
+    assert metrics["auc"] == pytest.approx((5 / 8 + 7 / 8 + 6 / 8) / 3)
+    assert metrics["weighted_f1"] == pytest.approx((1 / 2 + 4 / 5 + 2 / 3) / 3)
     assert classification_metrics(np.array([1, 1]), np.array([[0.2, 0.8], [0.6, 0.4]]))["auc"] is None
     json.dumps(metrics)
 
@@ -225,9 +257,8 @@ def test_train_and_evaluate_with_the_library(features, tmp_path: Path) -> None:
 
     model, config = load_run(run)
     assert model.config.magnifications == MAGS and model.config.k == 2
-    assert config["class_names"] == ["benign", "tumour"]
-    assert config["encoder"] == {"name": "toy", "feature_dim": DIM}
-    assert config["mpp"] == [8.0, 4.0, 1.0] and config["tissue"] == TISSUE
+    assert config.class_names == ["benign", "tumour"] and config.architecture == "zoommil"
+    assert config.pipeline == toy_contract().for_run()
 
     metrics = evaluate_run(run, features_dir, labels, tmp_path / "eval", split="test")
     assert metrics["n_slides"] == summary["n_test"]
@@ -242,8 +273,8 @@ def test_train_and_evaluate_commands(features, tmp_path: Path) -> None:
         csv.writer(f).writerows([("slide_id", "split"), *names.items()])
     run = tmp_path / "run"
     runner = CliRunner()
-    result = runner.invoke(train_command, [
-        "--features", str(features_dir), "--labels", str(labels), "--out", str(run),
+    result = runner.invoke(cli, [
+        "train", "--features", str(features_dir), "--labels", str(labels), "--out", str(run),
         "--splits", str(splits), "--magnifications", "1.25,2.5", "--k", "3", "--epochs", "2",
         "--lr", "1e-3", "--patience", "5"])
     assert result.exit_code == 0, result.output
@@ -251,8 +282,8 @@ def test_train_and_evaluate_commands(features, tmp_path: Path) -> None:
     assert read_splits(run / "splits.csv") == names
 
     out = tmp_path / "eval"
-    result = runner.invoke(evaluate_command, [
-        "--model", str(run), "--features", str(features_dir), "--labels", str(labels),
+    result = runner.invoke(cli, [
+        "evaluate", "--model", str(run), "--features", str(features_dir), "--labels", str(labels),
         "--out", str(out)])
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
@@ -264,7 +295,12 @@ def test_train_and_evaluate_commands(features, tmp_path: Path) -> None:
     assert all(row["label"] == truth[row["slide_id"]] for row in predictions)
     accuracy = np.mean([row["label"] == row["pred"] for row in predictions])
     assert metrics["accuracy"] == pytest.approx(accuracy)
-    assert np.allclose([float(r["p_benign"]) + float(r["p_tumour"]) for r in predictions], 1, atol=1e-5)
+    # The file's probabilities are the model's on the same bags.
+    model, _ = load_run(run)
+    dataset = SlideDataset(features_dir, [r["slide_id"] for r in predictions], [0] * 20, [1.25, 2.5], cache=False)
+    with torch.no_grad():
+        expected = [torch.softmax(model(bags, children).logits, 0)[1].item() for bags, children, _ in dataset]
+    assert [float(r["p_tumour"]) for r in predictions] == pytest.approx(expected, abs=1e-6)
     assert np.array(metrics["confusion_matrix"]).sum() == 20
 
 
@@ -291,12 +327,77 @@ def test_reads_files_written_by_preprocess(tmp_path: Path) -> None:
     grids[2] = replace(grids[2], cells=grids[2].cells[keep], coords=grids[2].coords[keep],
                        tissue=grids[2].tissue[keep], parent=grids[2].parent[keep])
     features = [np.random.default_rng(0).normal(size=(len(g), DIM)).astype(np.float32) for g in grids]
-    write_preprocessed(tmp_path / "p.h5", {"slide_id": "p", "encoder": "toy", "feature_dim": DIM,
-                                           "patch_size": PATCH, "tissue": TISSUE}, grids, features)
+    write_preprocessed(tmp_path / "p.h5", toy_contract(), {"slide_id": "p"}, grids, features)
     bags, children, coords = read_bags(tmp_path / "p.h5", MAGS)
     assert [len(b) for b in bags] == [3, 12, len(keep)]
     assert int((children[1] >= 0).sum()) == len(keep)
     for p, rows in enumerate(children[1].numpy()):
         rows = rows[rows >= 0]
         assert np.all(grids[2].parent[rows] == p) and _sorted_by_yx(coords[2][rows])
-    assert read_pipeline_metadata(tmp_path / "p.h5", [2.5])["mpp"] == [4.0]
+    assert agreed_contract([tmp_path / "p.h5"]).grid.magnifications == tuple(MAGS)
+
+
+@pytest.mark.parametrize("case", ["k 0", "epochs 0", "no label column", "unknown architecture"])
+def test_bad_options_exit_2_with_one_line_and_write_nothing(features, tmp_path: Path, case: str) -> None:
+    features_dir, labels = features
+    args = ["train", "--features", str(features_dir), "--labels", str(labels), "--out", str(tmp_path / "run")]
+    if case == "no label column":
+        bad = tmp_path / "labels.csv"
+        bad.write_text("slide_id,diagnosis\nslide00,benign\n")
+        args[4] = str(bad)
+    else:
+        option, value = case.split()
+        args += [f"--{option}", value]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def separable(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """32 slides whose class shifts feature 0 of every patch, with a fixed 20/6/6 split."""
+    root = tmp_path_factory.mktemp("separable")
+    rows = [(f"s{i:02d}", ["benign", "tumour"][i % 2]) for i in range(32)]
+    for i, (slide_id, label) in enumerate(rows):
+        write_feature_file(root / f"{slide_id}.h5", label=label == "tumour", seed=100 + i, n_base=3)
+    labels, splits = root / "labels.csv", root / "splits.csv"
+    with open(labels, "w", newline="") as f:
+        csv.writer(f).writerows([("slide_id", "label"), *rows])
+    with open(splits, "w", newline="") as f:
+        names = ["train"] * 20 + ["val"] * 6 + ["test"] * 6
+        csv.writer(f).writerows([("slide_id", "split"), *((s, n) for (s, _), n in zip(rows, names))])
+    return root, labels, splits
+
+
+@pytest.mark.parametrize("architecture", ["zoommil", "abmil", "clam_sb", "transmil"])
+def test_every_architecture_trains_evaluates_and_beats_chance(separable, tmp_path: Path, architecture: str) -> None:
+    features_dir, labels, splits = separable
+    run = tmp_path / "run"
+    result = CliRunner().invoke(cli, [
+        "train", "--features", str(features_dir), "--labels", str(labels), "--out", str(run), "--splits",
+        str(splits), "--architecture", architecture, "--epochs", "12", "--lr", "1e-3", "--hidden", "32",
+        "--attn-hidden", "16", "--k", "2"])
+    assert result.exit_code == 0, result.output
+    model, config = load_run(run)
+    assert config.architecture == architecture and type(model).__module__.endswith(
+        {"zoommil": "zoommil", "abmil": "abmil", "clam_sb": "clam", "transmil": "transmil"}[architecture])
+    # The baselines read the files' highest magnification; ZoomMIL the whole cascade.
+    assert model.config.magnifications == (MAGS if architecture == "zoommil" else [10.0])
+    metrics = evaluate_run(run, features_dir, labels, tmp_path / "eval", split="test")
+    assert metrics["n_slides"] == 6 and metrics["accuracy"] >= 5 / 6, metrics
+
+
+def test_evaluate_refuses_features_made_unlike_the_training_features(features, tmp_path: Path) -> None:
+    features_dir, labels = features
+    run = tmp_path / "run"
+    train_model(features_dir, labels, run, k=2, epochs=1, seed=0, progress=False)
+    other = tmp_path / "other"
+    other.mkdir()
+    for i, slide_id in enumerate(read_labels(labels)):
+        write_feature_file(other / f"{slide_id}.h5", label=i % 2, seed=i, contract=toy_contract(encoder="uni"))
+    with pytest.raises(ContractError) as info:
+        evaluate_run(run, other, labels, tmp_path / "eval")
+    assert "encoder.name: 'toy' vs 'uni'" in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "eval").exists()

@@ -181,13 +181,14 @@ def test_training_survives_selected_parents_without_children() -> None:
 def test_zoom_target_is_the_teachers_attention_summed_over_descendants() -> None:
     bags, children, label = make_slides(1, seed=6)[0]
     model = _model(dropout=0.0, zoom_target_weight=2.0).train()
-    out = model(bags, children, label)
+    below_last = torch.randn(64)
+    loss = model.zoom_target_loss(bags, children, label, below_last)
 
     last = model.levels[2]
     z = last.project(bags[2])
     attention = torch.softmax(last.attention(z), dim=0).detach()
     expected = torch.nn.functional.cross_entropy(
-        model.classifier(attention @ z)[None], torch.tensor([label]))
+        model.classifier(below_last + attention @ z)[None], torch.tensor([label]))
     # Written the slow way: a parent's mass is the sum of its children's, one loop per level.
     mass_25 = torch.stack([sum(attention[c] for c in row if c >= 0) for row in children[1]])
     mass_125 = torch.stack([sum(mass_25[c] for c in row if c >= 0) for row in children[0]])
@@ -195,12 +196,14 @@ def test_zoom_target_is_the_teachers_attention_summed_over_descendants() -> None
         level = model.levels[step]
         log_q = torch.log_softmax(level.zoom(level.project(bags[step])), dim=0)
         expected = expected + (mass * (mass.log() - log_q)).sum()
-    torch.testing.assert_close(out.aux_loss, 2.0 * expected)
+    torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(mass_125.sum(), torch.tensor(1.0))
 
-    out.aux_loss.backward()
+    loss.backward()
     for level in model.levels[:2]:  # the target reaches the zoom heads directly
         assert level.zoom.score.weight.grad.abs().sum() > 0
+    out = model(bags, children, label)  # weighted into the training output
+    assert out.aux_loss is not None and out.aux_loss.requires_grad
     assert _model(zoom_target_weight=0.0).train()(bags, children, label).aux_loss is None
 
 

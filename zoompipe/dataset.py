@@ -12,16 +12,17 @@ import os
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from zoompipe.errors import FeatureFileError, GridError, ZoompipeError
+from zoompipe.contract import PipelineContract, first_disagreement
+from zoompipe.errors import ContractError, FeatureFileError, GridError, UsageError, ZoompipeError
 from zoompipe.features import read_feature_file
 from zoompipe.grid import children_index
+from zoompipe.tables import read_table
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -101,43 +102,35 @@ def file_magnifications(path: str | os.PathLike) -> list[float]:
     return read_feature_file(path, load_features=False).magnifications
 
 
-def read_pipeline_metadata(path: str | os.PathLike, magnifications: Sequence[float]) -> dict:
-    """Preprocessing settings recorded in a feature file, for a run's ``config.json``.
+def agreed_contract(paths: Sequence[str | os.PathLike]) -> PipelineContract | None:
+    """The pipeline contract that every feature file of a training set shares, for its run.
 
     Returns
     -------
-    dict
-        ``magnifications``, ``mpp`` (one per magnification), ``patch_size`` and
-        ``grid_magnifications`` (the file's whole cascade, base first: the predictor rebuilds the
-        same patches from its base grid, e.g. the 10x children of 1.25x tissue patches) always;
-        ``encoder`` (``name``, ``feature_dim``, ``precision``), ``min_tissue`` and ``tissue``
-        (tissue segmentation parameters) where the file records them. Plain JSON types.
+    PipelineContract or None
+        :meth:`~zoompipe.contract.PipelineContract.for_run` of the first file's contract; None
+        when the files are all in the CLAM/TRIDENT layout, which records none.
+
+    Raises
+    ------
+    ContractError
+        Two files that disagree (another encoder, weights, tissue or grid setting), or a mix of
+        files with and without a contract; the message names both files and the first field.
     """
-    mags = [float(m) for m in magnifications]
-    data = read_feature_file(path, mags, load_features=False)
-    attrs = data.attrs
-    meta: dict[str, Any] = {
-        "magnifications": mags,
-        "mpp": [float(g.mpp) for g in data.grids],
-        "patch_size": int(data.grids[0].patch_size),
-        "grid_magnifications": [float(m) for m in attrs.get("magnifications", mags)],
-    }
-    encoder = {
-        key: cast(attrs[attr])
-        for key, attr, cast in (
-            ("name", "encoder", str),
-            ("feature_dim", "feature_dim", int),
-            ("precision", "encoder_precision", str),
-        )
-        if attr in attrs
-    }
-    if encoder:
-        meta["encoder"] = encoder
-    if "min_tissue" in attrs:
-        meta["min_tissue"] = float(attrs["min_tissue"])
-    if isinstance(attrs.get("tissue"), dict):
-        meta["tissue"] = attrs["tissue"]
-    return meta
+    first_path, first = None, None
+    for path in paths:
+        contract = read_feature_file(path, load_features=False).contract
+        if first_path is None:
+            first_path, first = path, contract
+            continue
+        if (contract is None) != (first is None):
+            raise ContractError(f"{path} and {first_path}: only one of them records how it was preprocessed "
+                                "(a CLAM/TRIDENT file); train on files of one kind")
+        difference = contract and first_disagreement(first, contract)
+        if difference:
+            raise ContractError(f"{path} was preprocessed unlike {first_path} ({difference}); "
+                                "train on features made with the same settings")
+    return first.for_run() if first is not None else None
 
 
 def read_labels(path: str | os.PathLike) -> dict[str, str]:
@@ -147,13 +140,17 @@ def read_labels(path: str | os.PathLike) -> dict[str, str]:
     -------
     dict
         Slide id to class name, in file order.
+
+    Raises
+    ------
+    UsageError
+        Unreadable file, missing column, no rows, or a slide with two labels.
     """
-    rows = _read_csv(path, ("slide_id", "label"))
     labels: dict[str, str] = {}
-    for row in rows:
-        slide_id, label = row["slide_id"].strip(), row["label"].strip()
+    for row in read_table(path, ("slide_id", "label")):
+        slide_id, label = row["slide_id"], row["label"]
         if labels.get(slide_id, label) != label:
-            raise ZoompipeError(f"{path}: slide {slide_id} has two labels")
+            raise UsageError(f"{path}: slide {slide_id} has two labels")
         labels[slide_id] = label
     return labels
 
@@ -161,14 +158,13 @@ def read_labels(path: str | os.PathLike) -> dict[str, str]:
 def read_splits(path: str | os.PathLike) -> dict[str, str]:
     """Read a splits CSV with columns ``slide_id,split``, split one of train, val, test."""
     splits = {}
-    for row in _read_csv(path, ("slide_id", "split")):
-        split = row["split"].strip()
-        if split not in SPLIT_NAMES:
-            raise ZoompipeError(
-                f"{path}: split '{split}' of slide {row['slide_id']} is not one of "
+    for row in read_table(path, ("slide_id", "split")):
+        if row["split"] not in SPLIT_NAMES:
+            raise UsageError(
+                f"{path}: split '{row['split']}' of slide {row['slide_id']} is not one of "
                 f"{', '.join(SPLIT_NAMES)}"
             )
-        splits[row["slide_id"].strip()] = split
+        splits[row["slide_id"]] = row["split"]
     return splits
 
 
@@ -212,7 +208,7 @@ def make_splits(
 
     Raises
     ------
-    ZoompipeError
+    UsageError
         If a class has fewer than 3 patients, so cannot appear in all three splits.
     """
     if n_folds < 3 or not 0 <= fold < n_folds:
@@ -229,7 +225,7 @@ def make_splits(
     for name in sorted(set(labels.values())):
         group = sorted(p for p, slides in slides_of.items() if labels[slides[0]] == name)
         if len(group) < 3:
-            raise ZoompipeError(
+            raise UsageError(
                 f"class '{name}' has {len(group)} patient(s); a split needs at least 3 "
                 "(one each for train, val and test)"
             )
@@ -255,11 +251,10 @@ def read_patients(path: str | os.PathLike) -> dict[str, str]:
         Slide id to patient id; empty when the CSV has no ``patient_id`` column. Slides with
         an empty patient id are left out (each is then its own patient).
     """
-    rows = _read_csv(path, ("slide_id",))
     return {
-        row["slide_id"].strip(): row["patient_id"].strip()
-        for row in rows
-        if (row.get("patient_id") or "").strip()
+        row["slide_id"]: row["patient_id"]
+        for row in read_table(path, ("slide_id",))
+        if row.get("patient_id")
     }
 
 
@@ -337,19 +332,3 @@ class SlideDataset(Dataset):
                 self._cache[index] = (bags, children)
         return bags, children, self.labels[index]
 
-
-def _read_csv(path: str | os.PathLike, columns: tuple[str, ...]) -> list[dict[str, str]]:
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in columns if c not in (reader.fieldnames or [])]
-            if missing:
-                raise ZoompipeError(
-                    f"{path} needs columns {','.join(columns)} (missing: {', '.join(missing)})"
-                )
-            rows = list(reader)
-    except OSError as exc:
-        raise ZoompipeError(f"cannot read {path} ({exc.strerror})") from None
-    if not rows:
-        raise ZoompipeError(f"{path} has no rows")
-    return rows

@@ -12,23 +12,24 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from zoompipe.dataset import SlideDataset, read_labels, read_splits
-from zoompipe.errors import ZoompipeError
+from zoompipe.contract import first_disagreement
+from zoompipe.dataset import SlideDataset, agreed_contract, read_labels, read_splits
+from zoompipe.errors import ContractError, ZoompipeError
 from zoompipe.metrics import classification_metrics
-from zoompipe.model import ZoomMIL, load_run
+from zoompipe.model import load_run
 
 #: One slide as the training and evaluation loops see it: ``(bags, children, label)``.
 Slide = tuple[list[Tensor], list[Tensor], int]
 
 
 @torch.no_grad()
-def predict_logits(model: ZoomMIL, slides: Sequence[Slide], device: str | torch.device) -> Tensor:
+def predict_logits(model: torch.nn.Module, slides: Sequence[Slide], device: str | torch.device) -> Tensor:
     """Eval-mode logits of each slide.
 
     Parameters
     ----------
-    model : ZoomMIL
-        Model; put in eval mode (hard selection, no dropout).
+    model : nn.Module
+        A registered model; put in eval mode (hard selection, no dropout).
     slides : sequence
         ``(bags, children, label)`` items, e.g. a :class:`~zoompipe.dataset.SlideDataset`.
     device : str or torch.device
@@ -84,9 +85,9 @@ def evaluate_run(
     -----
     ``predictions.csv`` has columns ``slide_id,label,pred,p_<class>...``, one row per slide.
     """
-    model, config = load_run(run_dir, device)
-    class_names = config["class_names"]
     labels = read_labels(labels_csv)
+    model, config = load_run(run_dir, device)
+    class_names = config.class_names
     if split is not None:
         splits = read_splits(Path(run_dir) / "splits.csv")
         labels = {s: label for s, label in labels.items() if splits.get(s) == split}
@@ -108,6 +109,11 @@ def evaluate_run(
         feature_dim=model.config.in_dim,
         cache=False,
     )
+    features = agreed_contract(dataset.paths)
+    difference = features and config.pipeline and first_disagreement(config.pipeline, features)
+    if difference or (features is None) != (config.pipeline is None):
+        raise ContractError(f"{features_dir}: the features were not made like the training features of "
+                            f"{run_dir} ({difference or 'one of them records no pipeline contract'})")
     probabilities = torch.softmax(predict_logits(model, dataset, device), dim=1).numpy()
     metrics = {
         **classification_metrics(np.array(targets), probabilities),

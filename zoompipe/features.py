@@ -2,9 +2,8 @@
 
 Layout of ``<slide_id>.h5``::
 
-    /                 attrs: slide_id, slide_path, slide_mpp, slide_width, slide_height,
-                             encoder, feature_dim, magnifications, patch_size, tissue (JSON),
-                             zoompipe_version
+    /                 attrs: pipeline (the PipelineContract as JSON), slide_id, slide_path,
+                             slide_width, slide_height, magnifications, zoompipe_version
     /1.25x/coords     (N, 2) int64   level-0 top-left x, y
     /1.25x/features   (N, D) float32
     /1.25x/parent     (N,)   int64   row of the parent in the previous group (-1 at the base)
@@ -14,12 +13,11 @@ Layout of ``<slide_id>.h5``::
     /2.5x/...
 
 Files in the CLAM / TRIDENT layout (root datasets ``coords`` and ``features``) are read too, as
-one magnification.
+one magnification; they carry no pipeline contract.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -29,6 +27,7 @@ import numpy as np
 
 from . import __version__
 from .atomic import atomic_path
+from .contract import PipelineContract
 from .errors import FeatureFileError
 from .grid import PatchGrid
 
@@ -45,7 +44,9 @@ class FeatureFile:
     Attributes
     ----------
     attrs : dict
-        Root attributes (slide, encoder, tissue parameters...).
+        Root attributes about the slide (id, path, size).
+    contract : PipelineContract or None
+        How the patches were made; None for CLAM/TRIDENT files.
     grids : list of PatchGrid
         One per magnification read, in cascade order.
     features : list of ndarray
@@ -53,6 +54,7 @@ class FeatureFile:
     """
 
     attrs: dict
+    contract: PipelineContract | None
     grids: list[PatchGrid]
     features: list[np.ndarray] = field(default_factory=list)
 
@@ -65,16 +67,15 @@ def _attr(value: object) -> object:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def write_feature_file(path: str | Path, attrs: dict, grids: Sequence[PatchGrid],
+def write_feature_file(path: str | Path, contract: PipelineContract, attrs: dict, grids: Sequence[PatchGrid],
                        features: Sequence[np.ndarray]) -> None:
     """Write a feature file under a temporary name, then rename it.
 
     An interrupted write leaves no file that looks complete (:func:`zoompipe.atomic.atomic_path`).
     """
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        for key, value in {**attrs, "zoompipe_version": __version__,
-                           "magnifications": [g.magnification for g in grids]}.items():
-            f.attrs[key] = json.dumps(value) if isinstance(value, dict) else value
+        f.attrs.update({**attrs, "pipeline": contract.to_json(), "zoompipe_version": __version__,
+                        "magnifications": [g.magnification for g in grids]})
         for grid, feats in zip(grids, features):
             if len(feats) != len(grid):
                 raise ValueError(f"{len(feats)} feature rows for {len(grid)} patches at {grid.magnification}x")
@@ -114,6 +115,7 @@ def read_feature_file(path: str | Path, magnifications: Sequence[float] | None =
             if "coords" in f and "features" in f:
                 return _read_clam(f, path, magnifications, load_features)
             attrs = {k: _attr(v) for k, v in f.attrs.items()}
+            contract = PipelineContract.from_json(attrs.pop("pipeline", "{}"), path)
             available = [float(m) for m in attrs.get("magnifications", [])]
             wanted = list(magnifications) if magnifications is not None else available
             missing = [m for m in wanted if group_name(m) not in f]
@@ -133,9 +135,7 @@ def read_feature_file(path: str | Path, magnifications: Sequence[float] | None =
         raise FeatureFileError(f"{path}: not a readable HDF5 feature file ({' '.join(str(err).split())})") from None
     except KeyError as err:
         raise FeatureFileError(f"{path}: incomplete feature file, {err.args[0]} is missing") from None
-    if "tissue" in attrs and isinstance(attrs["tissue"], str):
-        attrs["tissue"] = json.loads(attrs["tissue"])
-    return FeatureFile(attrs, grids, features)
+    return FeatureFile(attrs, contract, grids, features)
 
 
 def _read_clam(f: h5py.File, path: Path, magnifications: Sequence[float] | None, load_features: bool) -> FeatureFile:
@@ -162,4 +162,4 @@ def _read_clam(f: h5py.File, path: Path, magnifications: Sequence[float] | None,
     attrs.setdefault("slide_id", path.stem)
     attrs["magnifications"] = [magnification]
     attrs["layout"] = "clam"
-    return FeatureFile(attrs, [grid], features)
+    return FeatureFile(attrs, None, [grid], features)

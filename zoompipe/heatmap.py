@@ -15,10 +15,10 @@ import cv2
 import numpy as np
 from scipy.stats import rankdata
 
-from .engine import MagnificationReport, Prediction
+from .prediction import MagnificationReport, Prediction
 from .qc import GRID_RGB, overview_mpp, write_png
 from .slide import Slide
-from .tissue import TissueParams, tissue_mask
+from .tissue import TissueMask
 
 #: Longest side of a heatmap thumbnail, in pixels.
 MAX_SIDE = 2048
@@ -101,8 +101,12 @@ def _titled(image: np.ndarray, title: str) -> np.ndarray:
     return np.concatenate([band, image])
 
 
-def render_heatmaps(prediction: Prediction, slide: Slide, max_side: int = MAX_SIDE) -> dict[str, np.ndarray]:
+def render_heatmaps(prediction: Prediction, slide: Slide, mask: TissueMask,
+                    max_side: int = MAX_SIDE) -> dict[str, np.ndarray]:
     """All heatmap images of a prediction.
+
+    ``mask`` is the slide's tissue as the prediction saw it (:func:`zoompipe.tiling.tile_slide`);
+    colours are drawn inside it only.
 
     Returns
     -------
@@ -113,7 +117,6 @@ def render_heatmaps(prediction: Prediction, slide: Slide, max_side: int = MAX_SI
     mpp = overview_mpp(slide.mpp, slide.dimensions, max_side)
     thumbnail = slide.thumbnail(mpp)
     scale = mpp / slide.mpp
-    mask = tissue_mask(slide, TissueParams.from_dict(prediction.tissue))
     tissue = cv2.resize(mask.mask.astype(np.uint8), thumbnail.shape[1::-1], interpolation=cv2.INTER_NEAREST) > 0
     images = {"thumbnail": thumbnail}
     for report in prediction.magnifications:
@@ -139,13 +142,13 @@ def render_heatmaps(prediction: Prediction, slide: Slide, max_side: int = MAX_SI
     return images
 
 
-def write_heatmaps(prediction: Prediction, slide: Slide, out_dir: str | Path,
+def write_heatmaps(prediction: Prediction, slide: Slide, mask: TissueMask, out_dir: str | Path,
                    max_side: int = MAX_SIDE) -> list[Path]:
     """Write ``<slide_id>_<name>.png`` for every image of :func:`render_heatmaps` but the thumbnail."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, image in render_heatmaps(prediction, slide, max_side).items():
+    for name, image in render_heatmaps(prediction, slide, mask, max_side).items():
         if name == "thumbnail":
             continue
         path = out_dir / f"{prediction.slide_id}_{name}.png"

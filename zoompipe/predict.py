@@ -1,25 +1,33 @@
 """``zoompipe predict``: many slides through the zooming engine, with their outputs.
 
 Per slide: ``<slide_id>.json`` (the :class:`~zoompipe.engine.Prediction`), optionally heatmap
-PNGs and a GeoJSON of the attended regions; for the batch, ``predictions.csv``. A failing slide
-is reported and the others go on.
+PNGs and a GeoJSON of the attended regions, and a status record (:mod:`zoompipe.run_status`);
+for the batch, ``predictions.csv``, rewritten after every slide so that a crash keeps what was
+done, and ``status.csv``. A failing slide, whatever the error, is reported in one line and the
+others go on.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from .atomic import atomic_path, write_text
-from .engine import Prediction, ZoomPredictor
-from .errors import CheckpointError, ZoompipeError
-from .heatmap import write_heatmaps
+from .errors import CheckpointError, ZoompipeError, describe_failure, one_line
+from .heatmap import MAX_SIDE, write_heatmaps
+from .prediction import Prediction
 from .qc import write_geojson
+from .run_status import SlideStatus, check_unique_ids, write_record, write_table
 from .slide import load_mpp_overrides, open_slide
+from .tiling import tile_slide
+
+if TYPE_CHECKING:  # the engine loads torch; saved predictions and heatmaps do without it
+    from .engine import ZoomPredictor
 
 DEMO_MODEL = "demo_model"
 
@@ -55,9 +63,20 @@ def regions_geojson(prediction: Prediction) -> dict:
 def read_prediction(path: str | Path) -> Prediction:
     """Load a prediction JSON written by ``zoompipe predict``."""
     try:
-        return Prediction.from_dict(json.loads(Path(path).read_text()))
+        return Prediction.from_dict(json.loads(Path(path).read_text()), path)
+    except ZoompipeError:
+        raise
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ZoompipeError(f"{path}: not a zoompipe prediction ({' '.join(str(err).split())})") from None
+        raise ZoompipeError(f"{path}: not a zoompipe prediction ({one_line(err)})") from None
+
+
+def redraw_heatmaps(prediction_path: str | Path, slide_path: str | Path, out_dir: str | Path,
+                    mask_dir: str | Path | None = None, max_side: int = MAX_SIDE) -> list[Path]:
+    """Heatmaps of a saved prediction, on the tissue of the slide as the prediction's contract makes it."""
+    prediction = read_prediction(prediction_path)
+    with open_slide(slide_path, mpp=prediction.slide_mpp) as slide:
+        mask = tile_slide(slide, prediction.pipeline, mask_dir).mask
+        return write_heatmaps(prediction, slide, mask, out_dir, max_side=max_side)
 
 
 @dataclass
@@ -72,32 +91,55 @@ class PredictOutcome:
 def predict_slides(paths: Sequence[str | Path], predictor: ZoomPredictor, out_dir: str | Path | None = None,
                    heatmap: bool = False, geojson: bool = False, mpp: float | None = None,
                    mpp_csv: str | None = None, backend: str = "auto", progress: bool = False) -> list[PredictOutcome]:
-    """Predict every slide, writing its outputs to ``out_dir`` when given; go on past failures."""
+    """Predict every slide, writing its outputs to ``out_dir`` when given; go on past failures.
+
+    Raises
+    ------
+    UsageError
+        Two slides with the same id, or an unreadable mpp table (before any slide is read).
+    """
+    paths = [Path(p) for p in paths]
+    check_unique_ids(paths)
+    overrides = load_mpp_overrides(mpp_csv) if mpp_csv else {}
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    overrides = load_mpp_overrides(mpp_csv) if mpp_csv else {}
-    outcomes = []
-    for path in map(Path, paths):
-        try:
-            prediction = predictor.predict(path, mpp=overrides.get(path.stem, mpp), backend=backend,
-                                           progress=progress)
+    outcomes: list[PredictOutcome] = []
+    try:
+        for path in paths:
+            start = time.perf_counter()
+            try:
+                outcome = PredictOutcome(path, _predict_one(path, predictor, out, heatmap, geojson,
+                                                            overrides.get(path.stem, mpp), backend, progress))
+            except Exception as err:  # one bad slide must not stop a batch
+                outcome = PredictOutcome(path, error=describe_failure(err, path))
+            outcomes.append(outcome)
             if out is not None:
-                write_text(out / f"{prediction.slide_id}.json", json.dumps(prediction.to_dict(), indent=1) + "\n")
-                if geojson:
-                    write_geojson(out / f"{prediction.slide_id}_regions.geojson", regions_geojson(prediction))
-                if heatmap:
-                    with open_slide(path, backend=backend, mpp=prediction.slide_mpp) as slide:
-                        write_heatmaps(prediction, slide, out)
-            outcomes.append(PredictOutcome(path, prediction))
-        except ZoompipeError as err:
-            outcomes.append(PredictOutcome(path, error=str(err)))
-    if out is not None and len(outcomes) > 1:
-        write_predictions_csv(out / "predictions.csv", outcomes, predictor.class_names)
+                p = outcome.prediction
+                write_record(out, SlideStatus(path.stem, str(path), "ok" if p else "failed",
+                                              p.predicted if p else "", time.perf_counter() - start, outcome.error))
+                write_predictions_csv(out / "predictions.csv", outcomes, predictor.class_names)
+    finally:
+        if out is not None:
+            write_table(out)
     return outcomes
 
 
+def _predict_one(path: Path, predictor: ZoomPredictor, out: Path | None, heatmap: bool, geojson: bool,
+                 mpp: float | None, backend: str, progress: bool) -> Prediction:
+    with open_slide(path, backend=backend, mpp=mpp) as slide:
+        prediction, mask = predictor.predict_slide(slide, progress=progress)
+        if out is not None:
+            write_text(out / f"{prediction.slide_id}.json", json.dumps(prediction.to_dict(), indent=1) + "\n")
+            if geojson:
+                write_geojson(out / f"{prediction.slide_id}_regions.geojson", regions_geojson(prediction))
+            if heatmap:
+                write_heatmaps(prediction, slide, mask, out)
+    return prediction
+
+
 def write_predictions_csv(path: Path, outcomes: Sequence[PredictOutcome], class_names: Sequence[str]) -> None:
+    """One row per slide so far, ``ok`` with its probabilities or ``failed`` with the reason."""
     with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["slide_id", "path", "status", "predicted", *(f"p_{c}" for c in class_names),

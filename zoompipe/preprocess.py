@@ -2,38 +2,40 @@
 
 For every slide it writes, each file under a temporary name renamed when complete:
 
-- ``features/<slide_id>.h5``: the cascade of grids and their features (:mod:`zoompipe.features`);
+- ``features/<slide_id>.h5``: the cascade of grids, their features and the slide's pipeline
+  contract (:mod:`zoompipe.features`, :mod:`zoompipe.contract`);
 - ``masks/<slide_id>.png``: thumbnail with tissue contours and the base patch grid, to check;
 - ``geojson/<slide_id>.geojson``: tissue polygons in level-0 pixels (opens in QuPath);
-- ``status.csv``: one row per slide ever processed into this folder.
+- ``status/<slide_id>.json``: the slide's outcome, gathered into ``status.csv``
+  (:mod:`zoompipe.run_status`).
 
 A slide whose three files exist is skipped; a failing slide is recorded and the run goes on.
 """
 
 from __future__ import annotations
 
-import csv
 import time
-import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from tqdm import tqdm
 
-from .atomic import atomic_path
+from .contract import EncoderSettings, GridSettings, PipelineContract, SlideSettings, TissueSettings, UserMasks, file_sha256
 from .embed import embed_patches
-from .encoders import DEFAULT_ENCODER, Encoder, create_encoder
-from .errors import SlideError, ZoompipeError
+from .encoders import DEFAULT_ENCODER, Encoder, create_encoder, lookup
+from .errors import UsageError, ZoompipeError, describe_failure
 from .features import group_name, write_feature_file
-from .grid import build_cascade
+from .grid import child_grid
 from .qc import overview_mpp, qc_image, tissue_geojson, write_geojson, write_png
-from .slide import Slide, load_mpp_overrides, open_slide
-from .tissue import TissueMask, TissueParams, mask_from_geojson, mask_from_png, tissue_mask
+from .run_status import SlideStatus, check_unique_ids, read_records, write_record, write_table
+from .slide import load_mpp_overrides, open_slide
+from .tables import read_table
+from .tiling import tile_slide
+from .tissue import TissueParams
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
                     ".qptiff", ".dcm")
-STATUS_FIELDS = ("slide_id", "path", "status", "patches", "seconds", "error")
 
 
 @dataclass
@@ -80,40 +82,26 @@ class PreprocessConfig:
     mask_dir: str | None = None
 
 
-@dataclass
-class SlideStatus:
-    """One row of ``status.csv``."""
-
-    slide_id: str
-    path: str
-    status: str  # ok | failed | skipped
-    patches: str = ""
-    seconds: float = 0.0
-    error: str = ""
-
-
 def find_slides(inputs: Iterable[str | Path]) -> list[Path]:
     """Slides named by files, folders (searched recursively by extension) or CSVs with ``slide_path``.
 
     Raises
     ------
-    ZoompipeError
-        An input that does not exist, or a CSV without a ``slide_path`` column.
+    UsageError
+        An input that does not exist, a CSV without a ``slide_path`` column, or two slides with
+        the same id (file stem).
     """
     slides: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
             slides += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_EXTENSIONS)
         elif item.suffix.lower() == ".csv":
-            with item.open(newline="") as handle:
-                reader = csv.DictReader(handle)
-                if "slide_path" not in (reader.fieldnames or []):
-                    raise ZoompipeError(f"{item}: a slide list needs a slide_path column")
-                slides += [Path(row["slide_path"]) for row in reader]
+            slides += [Path(row["slide_path"]) for row in read_table(item, ("slide_path",))]
         elif item.exists():
             slides.append(item)
         else:
-            raise ZoompipeError(f"{item}: no such file or folder")
+            raise UsageError(f"{item}: no such file or folder")
+    check_unique_ids(slides)
     return slides
 
 
@@ -126,15 +114,31 @@ def output_paths(out_dir: Path, slide_id: str) -> dict[str, Path]:
     }
 
 
+def run_contract(config: PreprocessConfig, encoder: Encoder) -> PipelineContract:
+    """The contract every slide of a preprocessing run shares (the per-slide fields empty)."""
+    weights = file_sha256(config.weights) if config.weights else encoder.config.weights
+    return PipelineContract(
+        grid=GridSettings(magnifications=config.magnifications, patch_size=config.patch_size,
+                          min_tissue=config.min_tissue),
+        tissue=TissueSettings(segmentation=config.tissue,
+                              user_masks=UserMasks(dir=str(config.mask_dir)) if config.mask_dir else None),
+        encoder=EncoderSettings(name=encoder.name, feature_dim=encoder.feature_dim, weights=weights,
+                                precision=encoder.precision))
+
+
 def preprocess_slide(path: Path, out_dir: Path, config: PreprocessConfig, encoder: Encoder,
-                     mpp: float | None = None, progress: bool = False) -> str:
-    """Segment, tile and embed one slide; write its three files. Returns the patch counts."""
+                     contract: PipelineContract, mpp: float | None = None, progress: bool = False) -> str:
+    """Segment, tile and embed one slide; write its three files. Returns the patch counts.
+
+    ``contract`` is :func:`run_contract` of ``config`` and ``encoder``; the slide's own fields
+    are filled in here.
+    """
     with open_slide(path, backend=config.backend, mpp=mpp) as slide:
         thumbnail = slide.thumbnail(config.tissue.mask_mpp)
-        drawn = _user_mask(Path(config.mask_dir), slide, config.tissue.mask_mpp) if config.mask_dir else None
-        mask = drawn if drawn is not None else tissue_mask(slide, config.tissue, thumbnail=thumbnail)
-        grids = build_cascade(mask, slide.mpp, config.magnifications, patch_size=config.patch_size,
-                              min_tissue=config.min_tissue)
+        tiles = tile_slide(slide, contract, config.mask_dir, thumbnail=thumbnail)
+        grids = [tiles.base]
+        for magnification in config.magnifications[1:]:
+            grids.append(child_grid(grids[-1], magnification, mask=tiles.mask))
         features = [
             embed_patches(slide, g.coords, g.mpp, g.patch_size, encoder, batch_size=config.batch_size,
                           workers=config.workers, desc=f"{slide.slide_id} {group_name(g.magnification)}"
@@ -144,47 +148,39 @@ def preprocess_slide(path: Path, out_dir: Path, config: PreprocessConfig, encode
         qc_mpp = min(overview_mpp(slide.mpp, slide.dimensions), config.tissue.mask_mpp)
         if qc_mpp != config.tissue.mask_mpp:
             thumbnail = slide.thumbnail(qc_mpp)
-        attrs = {
-            "slide_id": slide.slide_id, "slide_path": str(path), "slide_mpp": slide.mpp,
-            "slide_mpp_source": slide.mpp_source, "slide_width": slide.dimensions[0],
-            "slide_height": slide.dimensions[1], "encoder": encoder.name, "feature_dim": encoder.feature_dim,
-            "encoder_precision": encoder.precision, "patch_size": config.patch_size,
-            "min_tissue": config.min_tissue, "tissue": asdict(config.tissue),
-        }
+        masks = contract.tissue.user_masks
+        if masks is not None and tiles.mask_file is not None:
+            masks = masks.model_copy(update={"file": tiles.mask_file.name, "sha256": file_sha256(tiles.mask_file)})
+        contract = contract.model_copy(update={
+            "slide": SlideSettings(mpp=slide.mpp, mpp_source=slide.mpp_source),
+            "tissue": contract.tissue.model_copy(update={"user_masks": masks})})
+        attrs = {"slide_id": slide.slide_id, "slide_path": str(path), "slide_width": slide.dimensions[0],
+                 "slide_height": slide.dimensions[1]}
     paths = output_paths(out_dir, slide.slide_id)
     for p in paths.values():
         p.parent.mkdir(parents=True, exist_ok=True)
-    write_png(paths["mask"], qc_image(thumbnail, mask, grids[:1], thumbnail_mpp=qc_mpp))
-    write_geojson(paths["geojson"], tissue_geojson(mask))
+    write_png(paths["mask"], qc_image(thumbnail, tiles.mask, grids[:1], thumbnail_mpp=qc_mpp))
+    write_geojson(paths["geojson"], tissue_geojson(tiles.mask))
     # The feature file goes last: its presence marks the slide as done.
-    write_feature_file(paths["features"], attrs, grids, features)
+    write_feature_file(paths["features"], contract, attrs, grids, features)
     return ";".join(f"{group_name(g.magnification)}:{len(g)}" for g in grids)
 
 
-def _user_mask(folder: Path, slide: Slide, mask_mpp: float) -> TissueMask | None:
-    """``<slide_id>.geojson`` (QuPath export) or ``<slide_id>.png`` from ``folder``, if either exists."""
-    for suffix, reader in ((".geojson", mask_from_geojson), (".png", mask_from_png)):
-        path = folder / f"{slide.slide_id}{suffix}"
-        if path.exists():
-            return reader(path, slide, mask_mpp)
-    return None
+def check_config(config: PreprocessConfig) -> None:
+    """Refuse settings no slide could be preprocessed with, before any work.
 
-
-def read_status(out_dir: Path) -> dict[str, SlideStatus]:
-    path = out_dir / "status.csv"
-    if not path.exists():
-        return {}
-    with path.open(newline="") as handle:
-        return {row["slide_id"]: SlideStatus(**{**row, "seconds": float(row["seconds"] or 0)})
-                for row in csv.DictReader(handle)}
-
-
-def write_status(out_dir: Path, rows: dict[str, SlideStatus]) -> None:
-    with atomic_path(out_dir / "status.csv") as tmp, tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=STATUS_FIELDS)
-        writer.writeheader()
-        for row in rows.values():
-            writer.writerow({**asdict(row), "seconds": f"{row.seconds:.2f}"})
+    Raises
+    ------
+    UsageError
+    """
+    try:
+        lookup(config.encoder)
+    except ZoompipeError as err:
+        raise UsageError(str(err)) from None
+    if config.weights is not None and not Path(config.weights).is_file():
+        raise UsageError(f"weights file not found: {config.weights}")
+    if config.mask_dir is not None and not Path(config.mask_dir).is_dir():
+        raise UsageError(f"mask folder not found: {config.mask_dir}")
 
 
 def preprocess_slides(inputs: Sequence[str | Path], out_dir: str | Path, config: PreprocessConfig,
@@ -194,42 +190,45 @@ def preprocess_slides(inputs: Sequence[str | Path], out_dir: str | Path, config:
     Returns
     -------
     list of SlideStatus
-        One per input slide, in input order; ``status.csv`` holds these and earlier runs' rows.
+        One per input slide, in input order; ``status.csv`` holds these and earlier runs' records.
+
+    Raises
+    ------
+    UsageError
+        Bad settings or inputs (nothing is written then).
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_config(config)
     slides = find_slides(inputs)
     overrides = load_mpp_overrides(config.mpp_csv) if config.mpp_csv else {}
-    table = read_status(out_dir)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    earlier = read_records(out_dir)
     encoder: Encoder | None = None
+    contract: PipelineContract | None = None
     results: list[SlideStatus] = []
-    seen: set[str] = set()
-    for path in tqdm(slides, desc="slides", unit="slide", disable=not progress):
-        slide_id = path.stem
-        if slide_id in seen:
-            row = SlideStatus(slide_id, str(path), "failed", error=f"{path}: another slide in this run has the id {slide_id}")
+    try:
+        for path in tqdm(slides, desc="slides", unit="slide", disable=not progress):
+            slide_id = path.stem
+            paths = output_paths(out_dir, slide_id)
+            if not overwrite and all(p.exists() for p in paths.values()):
+                done = earlier.get(slide_id)
+                row = SlideStatus(slide_id, str(path), "skipped", detail=done.detail if done else "")
+            else:
+                start = time.perf_counter()
+                try:
+                    if encoder is None:
+                        encoder = create_encoder(config.encoder, config.weights, config.device, config.precision)
+                        contract = run_contract(config, encoder)
+                    patches = preprocess_slide(path, out_dir, config, encoder, contract,
+                                               mpp=overrides.get(slide_id, config.mpp), progress=progress)
+                    row = SlideStatus(slide_id, str(path), "ok", patches, time.perf_counter() - start)
+                except Exception as err:  # one bad slide must not stop a batch
+                    if contract is None:
+                        raise  # the encoder cannot be built: every slide would fail the same way
+                    row = SlideStatus(slide_id, str(path), "failed", seconds=time.perf_counter() - start,
+                                      error=describe_failure(err, path))
+            write_record(out_dir, row)
             results.append(row)
-            continue
-        seen.add(slide_id)
-        paths = output_paths(out_dir, slide_id)
-        if not overwrite and all(p.exists() for p in paths.values()):
-            row = SlideStatus(slide_id, str(path), "skipped", patches=table.get(slide_id, SlideStatus("", "", "")).patches)
-        else:
-            start = time.perf_counter()
-            try:
-                encoder = encoder or create_encoder(config.encoder, config.weights, config.device, config.precision)
-                patches = preprocess_slide(path, out_dir, config, encoder,
-                                           mpp=overrides.get(slide_id, config.mpp), progress=progress)
-                row = SlideStatus(slide_id, str(path), "ok", patches, time.perf_counter() - start)
-            except ZoompipeError as err:
-                if not isinstance(err, SlideError) and encoder is None:
-                    raise  # a bad encoder setting fails every slide: stop at once
-                row = SlideStatus(slide_id, str(path), "failed", seconds=time.perf_counter() - start, error=str(err))
-            except Exception as err:  # one bad slide must not stop a batch
-                row = SlideStatus(slide_id, str(path), "failed", seconds=time.perf_counter() - start,
-                                  error=f"internal error: {type(err).__name__}: {' '.join(str(err).split())} "
-                                        f"at {traceback.extract_tb(err.__traceback__)[-1].name}")
-        table[slide_id] = row
-        write_status(out_dir, table)
-        results.append(row)
+    finally:
+        write_table(out_dir)
     return results

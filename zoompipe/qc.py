@@ -11,10 +11,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import cv2
 import numpy as np
+import shapely
+from shapely.geometry import Polygon
 
 from .atomic import write_bytes
 
-if TYPE_CHECKING:  # tissue imports this module at run time
+if TYPE_CHECKING:
     from .grid import PatchGrid
     from .tissue import TissueMask
 
@@ -40,14 +42,11 @@ def tissue_geojson(mask: TissueMask) -> dict:
     ``Tissue`` annotations, the way QuPath exports and imports them.
     """
     features = []
-    for rings in mask.polygons():
-        coordinates = []
-        for ring in rings:
-            points = np.round(ring, 2).tolist()
-            coordinates.append(points + points[:1])  # GeoJSON rings repeat their first vertex
+    for exterior, *holes in mask.polygons():
+        polygon = Polygon(np.round(exterior, 2), [np.round(hole, 2) for hole in holes])
         features.append({
             "type": "Feature",
-            "geometry": {"type": "Polygon", "coordinates": coordinates},
+            "geometry": json.loads(shapely.to_geojson(polygon)),
             "properties": {"objectType": "annotation", "classification": {"name": "Tissue"}},
         })
     return {"type": "FeatureCollection", "features": features}

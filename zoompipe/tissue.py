@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -22,9 +23,14 @@ from typing import Any, Iterator
 
 import cv2
 import numpy as np
+import shapely
+import shapely.affinity
+import shapely.errors
+import shapely.geometry
+from shapely.geometry import Polygon
+from skimage import morphology
 
 from .errors import MaskError
-from .qc import tissue_geojson
 from .slide import Slide
 
 
@@ -123,14 +129,9 @@ def _odd_pixels(microns: float, mpp: float) -> int:
     return 2 * int(microns / mpp // 2) + 1
 
 
-def _small_components(mask: np.ndarray, max_area: float, connectivity: int, skip_border: bool) -> np.ndarray:
-    """Pixels of the connected components of ``mask`` with fewer than ``max_area`` pixels."""
-    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=connectivity)
-    small = stats[:, cv2.CC_STAT_AREA] < max_area
-    small[0] = False  # label 0 is the complement of the mask
-    if skip_border:
-        small[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = False
-    return small[labels]
+def _fewer_pixels_than(area: float) -> int:
+    """scikit-image's ``max_size`` (removes components of at most that many pixels) for ``< area``."""
+    return max(math.ceil(area) - 1, 0)
 
 
 def _segment(rgb: np.ndarray, mpp: float, params: TissueParams) -> tuple[np.ndarray, float]:
@@ -152,10 +153,15 @@ def _segment(rgb: np.ndarray, mpp: float, params: TissueParams) -> tuple[np.ndar
         disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (side, side))
         tissue = cv2.morphologyEx(tissue.view(np.uint8), cv2.MORPH_CLOSE, disk).view(bool)
     pixel_area = mpp * mpp
-    tissue &= ~_small_components(tissue, params.min_tissue_area_um2 / pixel_area, 8, skip_border=False)
-    # Background is 4-connected where tissue is 8-connected, so that the two never cross.
-    tissue |= _small_components(~tissue, params.min_hole_area_um2 / pixel_area, 4, skip_border=True)
-    return tissue, threshold
+    tissue = morphology.remove_small_objects(
+        tissue, max_size=_fewer_pixels_than(params.min_tissue_area_um2 / pixel_area), connectivity=2)
+    # Background is 4-connected where tissue is 8-connected, so that the two never cross. Glass
+    # that reaches the edge is open, not a hole: a glass frame larger than any hole joins it
+    # into one piece that is never filled.
+    largest_hole = _fewer_pixels_than(params.min_hole_area_um2 / pixel_area)
+    side = math.isqrt(largest_hole) + 1
+    framed = morphology.remove_small_holes(np.pad(tissue, side), max_size=largest_hole, connectivity=1)
+    return framed[side:-side, side:-side], threshold
 
 
 def segment_tissue(rgb: np.ndarray, mpp: float, params: TissueParams | None = None) -> np.ndarray:
@@ -310,10 +316,6 @@ class TissueMask:
                            for ring in exterior + holes])
         return pieces
 
-    def to_geojson(self) -> dict:
-        """The tissue as a QuPath-readable GeoJSON FeatureCollection (see :func:`zoompipe.qc.tissue_geojson`)."""
-        return tissue_geojson(self)
-
 
 def _rings(region: np.ndarray, offset: tuple[int, int]) -> list[np.ndarray]:
     """Outer boundary rings (through pixel centres, in mask pixels) of the pieces of a region."""
@@ -410,21 +412,21 @@ def _polygon_geometries(node: Any) -> Iterator[dict]:
             yield from _polygon_geometries(node.get("geometries", []))
 
 
-def _fill_polygon(mask: np.ndarray, rings: list[np.ndarray]) -> None:
-    """Set the pixels whose centres lie in a polygon (rings in mask pixels, the first exterior)."""
-    shift = 4  # sub-pixel vertex precision of cv2.fillPoly
-    x0, y0 = np.floor(rings[0].min(axis=0)).astype(int)
-    x1, y1 = np.ceil(rings[0].max(axis=0)).astype(int) + 1
-    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, mask.shape[1]), min(y1, mask.shape[0])
-    if x1 <= x0 or y1 <= y0:
+def _fill_polygon(mask: np.ndarray, polygon: Polygon) -> None:
+    """Set the pixels whose centres lie in a polygon or on its edge (coordinates in mask pixels)."""
+    x0, y0, x1, y1 = polygon.bounds
+    cols = np.arange(max(math.ceil(x0 - 0.5), 0), min(math.floor(x1 - 0.5) + 1, mask.shape[1]))
+    rows = np.arange(max(math.ceil(y0 - 0.5), 0), min(math.floor(y1 - 0.5) + 1, mask.shape[0]))
+    if not len(cols) or not len(rows):
         return
-    # Each polygon on its own canvas: its holes must not clear other polygons (islands in lakes).
-    canvas = np.zeros((y1 - y0, x1 - x0), np.uint8)
-    fixed = [np.round((ring - (x0, y0)) * (1 << shift)).astype(np.int32) for ring in rings]
-    cv2.fillPoly(canvas, fixed[:1], 1, cv2.LINE_8, shift)
-    if len(fixed) > 1:
-        cv2.fillPoly(canvas, fixed[1:], 0, cv2.LINE_8, shift)
-    mask[y0:y1, x0:x1] |= canvas.view(bool)
+    xs, ys = np.meshgrid(cols + 0.5, rows + 0.5)
+    exterior = Polygon(polygon.exterior)
+    shapely.prepare(exterior)
+    inside = shapely.intersects_xy(exterior, xs, ys)
+    for hole in polygon.interiors:  # a centre on a hole's edge is glass
+        inside &= ~shapely.intersects_xy(Polygon(hole), xs, ys)
+    # Each polygon on its own: its holes must not clear other polygons (islands in lakes).
+    mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] |= inside
 
 
 def mask_from_geojson(path: str | Path, slide: Slide, mask_mpp: float = TissueParams.mask_mpp) -> TissueMask:
@@ -448,17 +450,21 @@ def mask_from_geojson(path: str | Path, slide: Slide, mask_mpp: float = TissuePa
     downsample = mask_mpp / slide.mpp
     found = 0
     for geometry in _polygon_geometries(document):
-        coordinates = geometry.get("coordinates") or []
-        for polygon in [coordinates] if geometry["type"] == "Polygon" else coordinates:
-            try:
-                rings = [np.asarray(ring, dtype=np.float64)[:, :2] / downsample - 0.5 for ring in polygon]
-                if not all(np.isfinite(ring).all() for ring in rings):
-                    raise ValueError("coordinates must be finite numbers")
-            except (TypeError, ValueError, IndexError) as err:
-                raise MaskError(f"{path}: malformed polygon coordinates ({' '.join(str(err).split())})") from err
-            # Rings of fewer than 3 vertices enclose nothing.
-            if rings and len(rings[0]) >= 3:
-                _fill_polygon(mask, [rings[0], *(hole for hole in rings[1:] if len(hole) >= 3)])
+        try:
+            shapes = shapely.geometry.shape(geometry)
+            if not np.isfinite(shapely.get_coordinates(shapes)).all():
+                raise ValueError("coordinates must be finite numbers")
+        except (TypeError, ValueError, IndexError, AttributeError, shapely.errors.ShapelyError) as err:
+            raise MaskError(f"{path}: malformed polygon coordinates ({' '.join(str(err).split())})") from err
+        for polygon in getattr(shapes, "geoms", [shapes]):
+            if polygon.area > 0:  # rings of fewer than 3 vertices enclose nothing
+                # Vertices snapped to 1/16 mask pixel, so that outlines traced through pixel
+                # centres (tissue_geojson) and rounded in level-0 pixels pass through them again.
+                scaled = shapely.affinity.scale(polygon, 1 / downsample, 1 / downsample, origin=(0, 0))
+                snapped = shapely.set_precision(scaled, 1 / 16)
+                for part in getattr(snapped, "geoms", [snapped]):  # snapping may split a thin polygon
+                    if isinstance(part, Polygon) and not part.is_empty:
+                        _fill_polygon(mask, part)
                 found += 1
     if not found:
         raise MaskError(f"{path}: no Polygon or MultiPolygon with at least 3 vertices")

@@ -1,7 +1,8 @@
-"""Train ZoomMIL on precomputed feature files."""
+"""Train a registered MIL model (ZoomMIL by default) on precomputed feature files."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import random
@@ -17,19 +18,19 @@ from tqdm import tqdm
 
 from zoompipe.dataset import (
     SlideDataset,
+    agreed_contract,
     feature_path,
     file_magnifications,
     make_splits,
     read_labels,
     read_patients,
-    read_pipeline_metadata,
     read_splits,
     write_splits,
 )
-from zoompipe.errors import ZoompipeError
+from zoompipe.errors import UsageError, ZoompipeError
 from zoompipe.evaluate import Slide, predict_logits
 from zoompipe.metrics import classification_metrics
-from zoompipe.model import ZoomMIL, ZoomMILConfig, save_run
+from zoompipe.model import config_fields, create_model, model_class, save_run
 from zoompipe.train_defaults import DEFAULT_K, DEFAULT_MAX_GRAD_NORM
 
 LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "val_acc", "val_f1", "lr", "sigma")
@@ -66,7 +67,7 @@ def balanced_sampler(labels: Sequence[int], seed: int) -> WeightedRandomSampler:
 
 
 def train_one_epoch(
-    model: ZoomMIL,
+    model: torch.nn.Module,
     slides: Sequence[Slide],
     order: Iterable[int],
     optimizer: torch.optim.Optimizer,
@@ -113,6 +114,7 @@ def train_model(
     labels_csv: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
+    architecture: str = "zoommil",
     splits_csv: str | os.PathLike | None = None,
     fold: int | None = None,
     n_folds: int = 5,
@@ -134,7 +136,7 @@ def train_model(
     cache: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train ZoomMIL and keep the checkpoint with the best validation weighted F1.
+    """Train a model and keep the checkpoint with the best validation weighted F1.
 
     Parameters
     ----------
@@ -145,6 +147,9 @@ def train_model(
     out_dir : path
         Run folder: ``model.safetensors`` and ``config.json`` (best epoch), ``splits.csv``,
         ``log.csv`` (one row per epoch) and ``train_summary.json``.
+    architecture : str
+        A registered model (:func:`~zoompipe.model.list_models`): ``zoommil``, ``abmil``,
+        ``clam_sb``, ``transmil``.
     splits_csv : path, optional
         CSV ``slide_id,split`` (train, val, test) naming the slides to use. Without it, a seeded
         ``n_folds``-fold split with test fold ``fold``, stratified by class and grouped by the
@@ -154,13 +159,15 @@ def train_model(
     n_folds : int
         Folds of the generated split.
     magnifications : sequence of float, optional
-        Cascade to train on; by default every magnification of the feature files. One
-        magnification trains plain attention MIL.
+        Cascade to train on; by default every magnification of the feature files for a zooming
+        model, the highest one for a model that reads one magnification.
     k : float
         Patches to zoom into per step: a count >= 1, or a fraction in (0, 1) of each slide's
         base bag (capped at the bag size, at least 1).
     hidden, attn_hidden : int
         Widths of the projected features and of the attention heads (512 and 256 in the paper).
+        These, ``k``, ``sigma`` and ``zoom_target_weight`` go to the architecture's config
+        where it has such a field.
     sigma, sigma_end : float
         Noise of the perturbed top-K on [0, 1]-scaled scores (how far training explores beyond
         the current top K) at the first and the last epoch, linear in between.
@@ -199,18 +206,21 @@ def train_model(
     has not improved for 5 epochs.
     """
     if epochs < 1:
-        raise ZoompipeError(f"need at least one epoch, got {epochs}")
+        raise UsageError(f"need at least one epoch, got {epochs}")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ZoompipeError("CUDA is not available here; use --device cpu")
+        raise UsageError("CUDA is not available here; use --device cpu")
+    try:
+        cls = model_class(architecture)
+    except ZoompipeError as err:
+        raise UsageError(str(err)) from None
+    labels = read_labels(labels_csv)
     seed_everything(seed)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    labels = read_labels(labels_csv)
     class_names = sorted(set(labels.values()))
     if len(class_names) < 2:
-        raise ZoompipeError(f"{labels_csv} has a single class ({class_names[0]}); need two or more")
+        raise UsageError(f"{labels_csv} has a single class ({class_names[0]}); need two or more")
     splits = _splits(labels, labels_csv, splits_csv, fold, n_folds, split_seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
     write_splits(out_dir / "splits.csv", splits)
     ids = {name: [s for s in labels if splits.get(s) == name] for name in ("train", "val", "test")}
     if not ids["train"] or not ids["val"]:
@@ -218,8 +228,13 @@ def train_model(
             f"need training and validation slides, got {len(ids['train'])} and {len(ids['val'])}"
         )
 
-    first = feature_path(features_dir, ids["train"][0])
-    mags = list(magnifications) if magnifications else file_magnifications(first)
+    used = [feature_path(features_dir, s) for s in ids["train"] + ids["val"]]
+    pipeline = agreed_contract(used)
+    if magnifications:
+        mags = list(magnifications)
+    else:
+        mags = file_magnifications(used[0])
+        mags = mags if cls.needs == "zoom" else mags[-1:]
 
     def subset(name: str, feature_dim: int | None) -> SlideDataset:
         targets = [class_names.index(labels[s]) for s in ids[name]]
@@ -228,12 +243,12 @@ def train_model(
     train_set = subset("train", None)
     in_dim = train_set[0][0][0].shape[1]  # every other slide must match the first one
     val_set = subset("val", in_dim)
-    pipeline = read_pipeline_metadata(first, mags)
 
-    config = ZoomMILConfig(in_dim=in_dim, n_classes=len(class_names), magnifications=mags, k=k,
-                           hidden=hidden, attn_hidden=attn_hidden, sigma=sigma,
-                           zoom_target_weight=zoom_target_weight)
-    model = ZoomMIL(config).to(device)
+    hyper = {"k": k, "hidden": hidden, "attn_hidden": attn_hidden, "sigma": sigma,
+             "zoom_target_weight": zoom_target_weight}
+    fields = config_fields(architecture)
+    model = create_model(architecture, in_dim=in_dim, n_classes=len(class_names), magnifications=mags,
+                         **{name: value for name, value in hyper.items() if name in fields}).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.8, patience=5)
     sampler = balanced_sampler(train_set.labels, seed)
@@ -247,7 +262,9 @@ def train_model(
         log.writerow(LOG_COLUMNS)
         for epoch in range(1, epochs + 1):
             bar.set_description(f"epoch {epoch}/{epochs}{val_status}")
-            model.select.sigma = sigma_schedule(epoch, epochs, sigma, sigma_end)
+            select = getattr(model, "select", None)  # a zooming model's perturbed top-K
+            if select is not None:
+                select.sigma = sigma_schedule(epoch, epochs, sigma, sigma_end)
             train_loss = train_one_epoch(model, train_set, list(sampler), optimizer, device, bar,
                                          max_grad_norm)
             logits = predict_logits(model, val_set, device)
@@ -256,14 +273,14 @@ def train_model(
             lr_now = optimizer.param_groups[0]["lr"]
             log.writerow([epoch, f"{train_loss:.6f}", f"{val_loss:.6f}",
                           f"{metrics['accuracy']:.6f}", f"{metrics['weighted_f1']:.6f}", lr_now,
-                          f"{model.select.sigma:.6f}"])
+                          "" if select is None else f"{select.sigma:.6f}"])
             log_file.flush()
             val_status = f" val_loss {val_loss:.3f} val_f1 {metrics['weighted_f1']:.3f}"
             scheduler.step(val_loss)
             if not best or (metrics["weighted_f1"], -val_loss) > (best["f1"], -best["loss"]):
                 best = {"epoch": epoch, "f1": metrics["weighted_f1"], "loss": val_loss,
                         "accuracy": metrics["accuracy"]}
-                save_run(out_dir, model, class_names, pipeline)
+                save_run(out_dir, model, architecture, class_names, pipeline)
             elif patience is not None and epoch - best["epoch"] >= patience:
                 break
 
@@ -278,10 +295,11 @@ def train_model(
         "n_val": len(ids["val"]),
         "n_test": len(ids["test"]),
         "class_names": class_names,
+        "architecture": architecture,
         "magnifications": mags,
-        "training": {"k": config.k, "sigma": sigma, "sigma_end": sigma_end,
-                     "zoom_target_weight": zoom_target_weight, "max_grad_norm": max_grad_norm,
-                     "lr": lr, "weight_decay": weight_decay, "epochs": epochs, "seed": seed,
+        "model": dataclasses.asdict(model.config),
+        "training": {"sigma_end": sigma_end, "max_grad_norm": max_grad_norm, "lr": lr,
+                     "weight_decay": weight_decay, "epochs": epochs, "seed": seed,
                      "split_seed": split_seed},
     }
     (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -300,11 +318,11 @@ def _splits(
         return make_splits(labels, n_folds=n_folds, fold=fold or 0, seed=seed,
                            patients=read_patients(labels_csv))
     if fold is not None:
-        raise ZoompipeError("a fold picks a generated split; it cannot be combined with a splits CSV")
+        raise UsageError("a fold picks a generated split; it cannot be combined with a splits CSV")
     splits = read_splits(splits_csv)
     unlabelled = [s for s in splits if s not in labels]
     if unlabelled:
-        raise ZoompipeError(
+        raise UsageError(
             f"{len(unlabelled)} slides of {splits_csv} have no label in {labels_csv} "
             f"(first: {unlabelled[0]})"
         )

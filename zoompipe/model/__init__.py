@@ -1,19 +1,30 @@
-"""ZoomMIL model: gated attention, differentiable top-K, the zooming classifier, run folders."""
+"""Slide classifiers (ZoomMIL, ABMIL, CLAM-SB, TransMIL) by name, their building blocks, run folders."""
 from zoompipe.model.attention import GatedAttention, masked_softmax
-from zoompipe.model.checkpoint import load_run, save_run
+from zoompipe.model.output import ModelOutput
+from zoompipe.model.registry import config_fields, create_model, list_models, model_class, register_model
 from zoompipe.model.topk import PerturbedTopK, PerturbedTopKFunction, topk_indices
 from zoompipe.model.zoommil import FetchChildren, ZoomMIL, ZoomMILConfig, ZoomOutput
+
+from zoompipe.model import abmil, clam, transmil  # noqa: F401,E402  (their decorators register them)
+from zoompipe.model.checkpoint import Run, load_run, save_run  # noqa: E402
 
 __all__ = [
     "FetchChildren",
     "GatedAttention",
+    "ModelOutput",
     "PerturbedTopK",
     "PerturbedTopKFunction",
+    "Run",
     "ZoomMIL",
     "ZoomMILConfig",
     "ZoomOutput",
+    "config_fields",
+    "create_model",
+    "list_models",
     "load_run",
     "masked_softmax",
+    "model_class",
+    "register_model",
     "save_run",
     "topk_indices",
 ]

@@ -1,31 +1,29 @@
-"""Run folders: ``model.safetensors`` (weights) and ``config.json`` (model and pipeline settings).
+"""Run folders: ``model.safetensors`` (weights) and ``config.json`` (a :class:`RunConfig`).
 
 Weights are only ever read with safetensors, never unpickled, so a run folder from elsewhere
-cannot execute code. ``config.json`` holds::
-
-    {"model": <ZoomMILConfig.to_dict()>, "class_names": [...], <pipeline keys>,
-     "zoompipe_version": "..."}
-
-where the pipeline keys (encoder, magnifications, mpp, patch_size, tissue, ...) are whatever the
-caller passes, stored verbatim, so that a predictor can redo the preprocessing the model was
-trained with.
+cannot execute code. ``config.json`` is one versioned record: the architecture and its
+hyper-parameters (rebuilt with :func:`~zoompipe.model.registry.create_model`), the class
+names, and the pipeline contract the training features share, so that a predictor can redo
+the preprocessing the model was trained with.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from zoompipe import __version__
 from zoompipe.atomic import atomic_path, write_text
-from zoompipe.errors import CheckpointError
-from zoompipe.model.zoommil import ZoomMIL, ZoomMILConfig
+from zoompipe.contract import PipelineContract, Versioned
+from zoompipe.errors import CheckpointError, ContractError, ZoompipeError, one_line
+from zoompipe.model.registry import create_model
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -34,11 +32,46 @@ CONFIG_NAME = "config.json"
 _PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 
+class RunConfig(Versioned):
+    """The content of a run's ``config.json``.
+
+    Attributes
+    ----------
+    architecture : str
+        Registered model name (:func:`~zoompipe.model.registry.list_models`).
+    model : dict
+        Its hyper-parameters, validated by the architecture's own config class.
+    class_names : list of str
+        Class of each output, in order.
+    pipeline : PipelineContract or None
+        How the training features were made; None for CLAM/TRIDENT features, which cannot be
+        redone from raw slides.
+    zoompipe_version : str
+        The version that wrote the run.
+    """
+
+    what: ClassVar[str] = "run config"
+    redo: ClassVar[str] = "train the run again with this zoompipe"
+    architecture: str
+    model: dict[str, Any]
+    class_names: list[str]
+    pipeline: PipelineContract | None
+    zoompipe_version: str = __version__
+
+
+class Run(NamedTuple):
+    """A loaded run: the model, in eval mode, and its configuration."""
+
+    model: nn.Module
+    config: RunConfig
+
+
 def save_run(
     run_dir: str | os.PathLike,
-    model: ZoomMIL,
+    model: nn.Module,
+    architecture: str,
     class_names: Sequence[str],
-    pipeline: dict[str, Any],
+    pipeline: PipelineContract | None,
 ) -> Path:
     """Write a model and its settings to a run folder, replacing any previous ones atomically.
 
@@ -46,45 +79,36 @@ def save_run(
     ----------
     run_dir : path
         Run folder, created if needed.
-    model : ZoomMIL
-        Model to save.
+    model : nn.Module
+        A registered model (its ``config`` is a dataclass).
+    architecture : str
+        The name it is registered under.
     class_names : sequence of str
         Class name of each output, in order.
-    pipeline : dict
-        JSON-serialisable preprocessing settings, stored verbatim at the top level of
-        ``config.json``; may not use the keys ``model``, ``class_names`` or
-        ``zoompipe_version``.
+    pipeline : PipelineContract or None
+        The training features' contract (:func:`~zoompipe.dataset.agreed_contract`).
 
     Returns
     -------
     Path
         The run folder.
     """
-    reserved = {"model", "class_names", "zoompipe_version"} & pipeline.keys()
-    if reserved:
-        raise ValueError(f"pipeline metadata may not set {sorted(reserved)}")
     if len(class_names) != model.config.n_classes:
         raise ValueError(
             f"{len(class_names)} class names for a model with {model.config.n_classes} classes"
         )
+    config = RunConfig(architecture=architecture, model=dataclasses.asdict(model.config),
+                       class_names=list(class_names), pipeline=pipeline)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = {
-        "model": model.config.to_dict(),
-        "class_names": list(class_names),
-        **pipeline,
-        "zoompipe_version": __version__,
-    }
     weights = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     with atomic_path(run_dir / WEIGHTS_NAME) as tmp:
         save_file(weights, str(tmp))
-    write_text(run_dir / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    write_text(run_dir / CONFIG_NAME, config.to_json(indent=2) + "\n")
     return run_dir
 
 
-def load_run(
-    run_dir: str | os.PathLike, device: str | torch.device = "cpu"
-) -> tuple[ZoomMIL, dict[str, Any]]:
+def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Run:
     """Load a run folder written by :func:`save_run`.
 
     Parameters
@@ -96,36 +120,32 @@ def load_run(
 
     Returns
     -------
-    model : ZoomMIL
-        The model, in eval mode.
-    config : dict
-        Contents of ``config.json``.
+    Run
+        ``(model, config)``, the model in eval mode.
 
     Raises
     ------
-    CheckpointError
-        If a file is missing, not valid JSON or safetensors, or the weights do not fit the
-        configuration.
+    CheckpointError, ContractError
+        If a file is missing, not valid JSON or safetensors, written by another schema version,
+        or the weights do not fit the configuration.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"run folder {run_dir} does not exist")
     config = _read_config(run_dir / CONFIG_NAME)
     try:
-        model = ZoomMIL(ZoomMILConfig.from_dict(config["model"]))
-    except (TypeError, ValueError) as exc:
+        model = create_model(config.architecture, **config.model)
+    except ZoompipeError as exc:
+        raise CheckpointError(f"{run_dir / CONFIG_NAME}: {exc}") from None
+    if len(config.class_names) != model.config.n_classes:
         raise CheckpointError(
-            f"{run_dir / CONFIG_NAME}: invalid model settings ({_one_line(exc)})"
-        ) from None
-    if len(config["class_names"]) != model.config.n_classes:
-        raise CheckpointError(
-            f"{run_dir / CONFIG_NAME}: {len(config['class_names'])} class names for a model with "
+            f"{run_dir / CONFIG_NAME}: {len(config.class_names)} class names for a model with "
             f"{model.config.n_classes} classes"
         )
     weights = _read_weights(run_dir / WEIGHTS_NAME)
     _check_shapes(weights, model, run_dir)
     model.load_state_dict(weights)
-    return model.to(device).eval(), config
+    return Run(model.to(device).eval(), config)
 
 
 def _require_file(path: Path) -> None:
@@ -135,21 +155,16 @@ def _require_file(path: Path) -> None:
         )
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def _read_config(path: Path) -> RunConfig:
     _require_file(path)
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(
-            f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})"
-        ) from None
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} cannot be read ({_one_line(exc)})") from None
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise CheckpointError(f"{path} has no 'model' settings")
-    if not isinstance(config.get("class_names"), list):
-        raise CheckpointError(f"{path} has no 'class_names' list")
-    return config
+        raise CheckpointError(f"{path} cannot be read ({one_line(exc)})") from None
+    try:
+        return RunConfig.from_json(text, path)
+    except ContractError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -165,11 +180,11 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
                 "save the weights with safetensors"
             ) from None
         raise CheckpointError(
-            f"{path} is not a valid safetensors file ({_one_line(exc)})"
+            f"{path} is not a valid safetensors file ({one_line(exc)})"
         ) from None
 
 
-def _check_shapes(weights: dict[str, torch.Tensor], model: ZoomMIL, run_dir: Path) -> None:
+def _check_shapes(weights: dict[str, torch.Tensor], model: nn.Module, run_dir: Path) -> None:
     # load_state_dict would report these as a multi-line RuntimeError.
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     missing = sorted(expected.keys() - weights.keys())
@@ -187,6 +202,3 @@ def _check_shapes(weights: dict[str, torch.Tensor], model: ZoomMIL, run_dir: Pat
                 f"{where}: {name} has shape {tuple(weights[name].shape)}, expected {shape}"
             )
 
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())

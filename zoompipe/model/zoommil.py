@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoompipe.model.attention import GatedAttention, masked_softmax
+from zoompipe.model.output import ModelOutput as ZoomOutput
+from zoompipe.model.registry import register_model
 from zoompipe.model.topk import PerturbedTopK, topk_indices
 
 #: ``fetch_children(step, parents) -> (features, rows)``. ``parents`` holds the global rows,
@@ -109,48 +111,6 @@ class ZoomMILConfig:
         return cls(**data)
 
 
-@dataclass
-class ZoomOutput:
-    """Prediction for one slide, with what each magnification looked at.
-
-    Attributes
-    ----------
-    logits : Tensor
-        Class logits, shape (n_classes,).
-    rows : list of Tensor
-        Per magnification, the global rows (CPU LongTensor) of the bag that was attended: every
-        row at the base, the children of the selected patches above it.
-    attention : list of Tensor
-        Per magnification, the pooling attention over ``rows`` (sums to one).
-    selected : list of Tensor
-        Per magnification but the last, the global rows (CPU LongTensor, ascending) chosen for
-        zooming.
-    selection_scores : list of Tensor
-        Per magnification but the last, the auxiliary head's raw scores over ``rows``; the
-        ``selected`` rows are the top-K of these.
-    aux_loss : Tensor, optional
-        A training-only loss term, already weighted, that the training loop adds to the
-        cross-entropy (None when the model has none).
-
-    Notes
-    -----
-    In training mode the bags above the base are soft mixtures of patches, which have no global
-    rows, so only ``logits`` is filled and the lists are empty.
-    """
-
-    logits: Tensor
-    rows: list[Tensor] = field(default_factory=list)
-    attention: list[Tensor] = field(default_factory=list)
-    selected: list[Tensor] = field(default_factory=list)
-    selection_scores: list[Tensor] = field(default_factory=list)
-    aux_loss: Tensor | None = None
-
-    @property
-    def probabilities(self) -> Tensor:
-        """Class probabilities, shape (n_classes,)."""
-        return torch.softmax(self.logits, dim=-1)
-
-
 class Magnification(nn.Module):
     """Projection, pooling attention and, except at the last magnification, a zoom head."""
 
@@ -163,6 +123,7 @@ class Magnification(nn.Module):
         self.zoom = GatedAttention(config.hidden, config.attn_hidden) if zoom else None
 
 
+@register_model("zoommil")
 class ZoomMIL(nn.Module):
     """ZoomMIL classifier over a cascade of magnifications (one slide at a time).
 
@@ -171,6 +132,10 @@ class ZoomMIL(nn.Module):
     config : ZoomMILConfig
         Hyper-parameters.
     """
+
+    config_class = ZoomMILConfig
+    #: Above the base, only the children of the patches it selects (:meth:`infer`).
+    needs = "zoom"
 
     def __init__(self, config: ZoomMILConfig) -> None:
         super().__init__()
@@ -212,9 +177,10 @@ class ZoomMIL(nn.Module):
                 f"{len(children)} children indices"
             )
         if self.training:
-            out = self._forward_soft(bags, children)
+            logits, below_last = self._forward_soft(bags, children)
+            out = ZoomOutput(logits=logits)
             if self.config.zoom_target_weight > 0 and n_mags > 1:
-                loss = self.zoom_target_loss(bags, children, label)
+                loss = self.zoom_target_loss(bags, children, label, below_last)
                 out.aux_loss = self.config.zoom_target_weight * loss
             return out
 
@@ -266,7 +232,8 @@ class ZoomMIL(nn.Module):
         out.logits = self.classifier(pooled)
         return out
 
-    def _forward_soft(self, bags: list[Tensor], children: list[Tensor]) -> ZoomOutput:
+    def _forward_soft(self, bags: list[Tensor], children: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Logits with soft selections, and the pooled vectors of all but the last level."""
         # A soft bag above the base has rows (j, c): child c of the mixture of parents
         # sum_a mix[j, a] * parents[a], where `parents` are global rows of the previous
         # magnification. A hard selection makes `mix` a 0/1 matrix and this is a plain gather.
@@ -274,8 +241,10 @@ class ZoomMIL(nn.Module):
         k = self.config.resolve_k(len(bags[0]))
         mix = parents = None
         pooled = bags[0].new_zeros(self.config.hidden)
+        below_last = pooled
         for step, level in enumerate(self.levels):
             z = level.project(features)
+            below_last = pooled
             pooled = pooled + masked_softmax(level.attention(z), weights) @ z
             if level.zoom is None:
                 break
@@ -296,18 +265,24 @@ class ZoomMIL(nn.Module):
             mix, parents = mix[:, keep], parents[keep]
             features, weights = _mix_children(mix, children[step][parents], bags[step + 1])
             if not bool((weights > 0).any()):
+                below_last = pooled
                 break  # the selected patches have no children: nothing to look at above
-        return ZoomOutput(logits=self.classifier(pooled))
+        return self.classifier(pooled), below_last
 
     def zoom_target_loss(
-        self, bags: list[Tensor], children: list[Tensor], label: int | None = None
+        self,
+        bags: list[Tensor],
+        children: list[Tensor],
+        label: int | None = None,
+        below_last: Tensor | None = None,
     ) -> Tensor:
         """A direct training signal for the zoom heads, from the dense last magnification.
 
         The last magnification's projection and attention pool its *whole* bag (every
-        descendant of every base patch, which dense training features provide), and the
-        classifier is applied to that vector: cross-entropy against ``label`` trains the last
-        head to find the evidence, as single-magnification ABMIL does. Its attention, summed
+        descendant of every base patch, which dense training features provide), and that vector
+        takes the place of the last level's in the classifier's sum: cross-entropy against
+        ``label`` trains the last head to find the evidence, as single-magnification ABMIL does,
+        while the classifier sees the same kind of sum as in :meth:`infer`. Its attention, summed
         over each patch's descendants, is a distribution over the patches of every lower
         magnification; each zoom head's softmax over its dense bag is pulled towards it (KL
         divergence, the target detached). The zoom heads so learn to rank first the patches
@@ -320,6 +295,9 @@ class ZoomMIL(nn.Module):
             As in :meth:`forward`.
         label : int, optional
             The slide's class; without it only the KL terms are returned.
+        below_last : Tensor, optional
+            Sum of the pooled vectors of the lower levels, shape (hidden,), from the same
+            forward pass; zero by default.
 
         Returns
         -------
@@ -332,7 +310,8 @@ class ZoomMIL(nn.Module):
         loss = z.new_zeros(())
         if label is not None:
             target = torch.tensor([label], device=z.device)
-            loss = loss + F.cross_entropy(self.classifier(attention @ z)[None], target)
+            pooled = attention @ z if below_last is None else below_last + attention @ z
+            loss = loss + F.cross_entropy(self.classifier(pooled)[None], target)
         mass = attention.detach()
         for step in reversed(range(len(self.levels) - 1)):
             index = children[step]

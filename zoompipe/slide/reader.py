@@ -14,7 +14,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from ..errors import SlideError
+from ..errors import SlideError, one_line
 from .backends import BACKEND_CLASSES, BACKENDS
 from .resolution import mpp_to_magnification, objective_power, resolve_mpp
 
@@ -23,11 +23,6 @@ from .resolution import mpp_to_magnification, objective_power, resolve_mpp
 _LEVEL_TOLERANCE = 1e-2
 # The longest side, in level pixels, of one backend read while assembling a thumbnail.
 _THUMBNAIL_CHUNK = 4096
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text or type(err).__name__
 
 
 class Slide:
@@ -141,7 +136,7 @@ class Slide:
                 pixels = self._backend.read(level, cx0, cy0, cx1 - cx0, cy1 - cy0)
             except Exception as err:  # every backend has its own error types
                 raise SlideError(f"{self.path.name}: cannot read level {level} at "
-                                 f"({cx0}, {cy0}): {_one_line(err)}") from err
+                                 f"({cx0}, {cy0}): {one_line(err)}") from err
         if (cx0, cy0, cx1, cy1) == (x0, y0, x1, y1):
             box = pixels  # inside the slide: no white canvas to paste into
         else:
@@ -211,7 +206,7 @@ def _probe(slide: Slide) -> None:
                 slide._backend.read(level, x, y, 1, 1)
             except Exception as err:
                 raise SlideError(f"{slide.path}: damaged or truncated slide, level {level} "
-                                 f"cannot be read ({_one_line(err)})") from err
+                                 f"cannot be read ({one_line(err)})") from err
 
 
 def open_slide(path: str | Path, backend: str = "auto", mpp: float | None = None) -> Slide:
@@ -239,7 +234,7 @@ def open_slide(path: str | Path, backend: str = "auto", mpp: float | None = None
         try:
             handle = BACKEND_CLASSES[name](path)
         except Exception as err:  # each library signals "not mine" with its own types
-            failures.append(f"{name}: {_one_line(err)}")
+            failures.append(f"{name}: {one_line(err)}")
             continue
         try:
             mpp_value, source = resolve_mpp(handle.properties, mpp, name=str(path))

@@ -6,13 +6,13 @@ Values are used as found: no rounding to the usual 0.25 / 0.5 buckets.
 
 from __future__ import annotations
 
-import csv
 import math
 import warnings
 from pathlib import Path
 from typing import Mapping
 
-from ..errors import SlideError
+from ..errors import SlideError, UsageError
+from ..tables import read_table
 
 MPP_FIX = "pass --mpp, or --mpp-csv with a 'slide_id,mpp' table of overrides"
 
@@ -112,18 +112,11 @@ def load_mpp_overrides(path: str | Path) -> dict[str, float]:
 
     ``slide_id`` is the file name without its extension.
     """
-    path = Path(path)
-    try:
-        with path.open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
-    except OSError as err:
-        raise SlideError(f"cannot read mpp table {path}: {err.strerror or err}") from None
-    if not rows or not {"slide_id", "mpp"} <= set(rows[0]):
-        raise SlideError(f"{path}: an mpp table needs the columns slide_id,mpp")
+    rows = read_table(path, ("slide_id", "mpp"))
     overrides = {}
     for row in rows:
         mpp = _plausible_mpp(row["mpp"])
         if mpp is None:
-            raise SlideError(f"{path}: mpp {row['mpp']!r} of slide {row['slide_id']!r} is not a plausible resolution")
+            raise UsageError(f"{path}: mpp {row['mpp']!r} of slide {row['slide_id']!r} is not a plausible resolution")
         overrides[row["slide_id"]] = mpp
     return overrides

@@ -1,0 +1,81 @@
+"""Per-slide state of a batch run: one small record per slide, and ``status.csv`` built from them.
+
+Each slide's outcome is written atomically to ``status/<slide_id>.json`` as soon as it is
+known, so an update never rewrites a shared table and a crash keeps every finished record.
+``status.csv`` is a view rebuilt from the records; a damaged record is left out with a warning
+instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Iterable
+
+from .atomic import atomic_path, write_text
+from .errors import UsageError
+
+STATUS_DIR = "status"
+STATUS_TABLE = "status.csv"
+
+
+@dataclass(frozen=True)
+class SlideStatus:
+    """The outcome of one slide: ``ok``, ``failed`` or ``skipped``, with a detail and the reason of a failure."""
+
+    slide_id: str
+    path: str
+    status: str
+    detail: str = ""
+    seconds: float = 0.0
+    error: str = ""
+
+
+def check_unique_ids(paths: Iterable[Path]) -> None:
+    """Refuse inputs whose file stems, the slide ids, collide.
+
+    Raises
+    ------
+    UsageError
+        Naming both paths of the first collision.
+    """
+    seen: dict[str, Path] = {}
+    for path in paths:
+        if path.stem in seen:
+            raise UsageError(f"slides {seen[path.stem]} and {path} have the same id {path.stem}; "
+                             "rename one or run them separately")
+        seen[path.stem] = path
+
+
+def write_record(out_dir: Path, status: SlideStatus) -> None:
+    """Write one slide's record atomically."""
+    folder = out_dir / STATUS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text(folder / f"{status.slide_id}.json", json.dumps(asdict(status)) + "\n")
+
+
+def read_records(out_dir: Path) -> dict[str, SlideStatus]:
+    """Every readable record of a run folder, by slide id."""
+    records = {}
+    names = {f.name for f in fields(SlideStatus)}
+    for path in sorted((out_dir / STATUS_DIR).glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+            records[data["slide_id"]] = SlideStatus(**{k: v for k, v in data.items() if k in names})
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            warnings.warn(f"{path}: damaged status record left out ({type(err).__name__})", stacklevel=2)
+    return records
+
+
+def write_table(out_dir: Path) -> Path:
+    """Rebuild ``status.csv`` from the records, atomically."""
+    path = out_dir / STATUS_TABLE
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[f.name for f in fields(SlideStatus)])
+        writer.writeheader()
+        for record in read_records(out_dir).values():
+            writer.writerow({**asdict(record), "seconds": f"{record.seconds:.2f}"})
+    return path
