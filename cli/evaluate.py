@@ -5,8 +5,6 @@ import json
 
 import click
 
-from zoompipe.evaluate import evaluate_run
-
 
 @click.command("evaluate")
 @click.option("--model", "run_dir", required=True, type=click.Path(exists=True, file_okay=False),
@@ -24,5 +22,7 @@ def evaluate_command(run_dir, features_dir, labels_csv, out_dir, split, device) 
 
     Writes OUT/predictions.csv (slide_id,label,pred,p_<class>...) and OUT/metrics.json.
     """
+    from zoompipe.evaluate import evaluate_run
+
     metrics = evaluate_run(run_dir, features_dir, labels_csv, out_dir, split=split, device=device)
     click.echo(json.dumps(metrics, indent=2))

@@ -6,11 +6,6 @@ from pathlib import Path
 
 import click
 
-from zoompipe.engine import ZoomPredictor
-from zoompipe.heatmap import write_heatmaps
-from zoompipe.predict import demo_run_dir, predict_slides, profile_table, read_prediction
-from zoompipe.slide import open_slide
-
 from .options import compute_options, slide_options
 
 
@@ -24,13 +19,14 @@ from .options import compute_options, slide_options
 @click.option("--geojson", is_flag=True, help="Write the attended regions as GeoJSON (QuPath).")
 @click.option("--profile", is_flag=True, help="Print seconds per stage and patches per magnification.")
 @compute_options
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None,
-              help="Encoder precision [default: the one the training features used].")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+              help="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32, whatever the training "
+                   "features used (--profile and the JSON report both).")
 @click.option("--encoder-weights", type=click.Path(dir_okay=False), default=None,
               help="Encoder weights file, for encoders whose weights do not ship with zoompipe.")
 @slide_options
-def predict_command(slides, run_dir, out_dir, heatmap, geojson, profile, device, precision, encoder_weights,
-                    batch_size, workers, backend, mpp, mpp_csv) -> None:
+def predict_command(slides, run_dir, out_dir, heatmap, geojson, profile, device, runtime, precision,
+                    encoder_weights, batch_size, workers, backend, mpp, mpp_csv) -> None:
     """Classify raw SLIDES, reading high magnifications only where the model zooms.
 
     Prints the predicted class and probabilities of every slide and writes OUT/<slide_id>.json
@@ -38,11 +34,18 @@ def predict_command(slides, run_dir, out_dir, heatmap, geojson, profile, device,
     the ones zoomed into; timings). A failing slide gets a one-line error and the others go on;
     the exit status is 1 if any slide failed.
     """
+    from zoompipe.engine import ZoomPredictor
+    from zoompipe.predict import demo_run_dir, predict_slides, profile_table
+
     if run_dir is None:
         run_dir = demo_run_dir()
         click.echo(f"using the demo model ({run_dir}); it was trained on synthetic slides", err=True)
-    predictor = ZoomPredictor(run_dir, device=device, precision=precision, encoder_weights=encoder_weights,
-                              batch_size=batch_size, workers=workers)
+    predictor = ZoomPredictor(run_dir, device=device, precision=precision, runtime=runtime,
+                              encoder_weights=encoder_weights, batch_size=batch_size, workers=workers)
+    if profile:
+        used = predictor.encoder_report
+        click.echo(f"encoder {used['name']}: {used['precision']} on {used['runtime']} "
+                   f"(training features: {used['training_precision'] or 'not recorded'})", err=True)
     outcomes = predict_slides(slides, predictor, out_dir, heatmap=heatmap, geojson=geojson, mpp=mpp,
                               mpp_csv=mpp_csv, backend=backend, progress=profile)
     for outcome in outcomes:
@@ -66,6 +69,10 @@ def predict_command(slides, run_dir, out_dir, heatmap, geojson, profile, device,
 @click.option("--max-side", type=int, default=2048, help="Longest side of the heatmap thumbnail in pixels.")
 def heatmap_command(prediction, slide, out_dir, max_side) -> None:
     """Redraw the heatmaps of a saved PREDICTION (<slide_id>.json of `zoompipe predict`) on SLIDE."""
+    from zoompipe.heatmap import write_heatmaps
+    from zoompipe.predict import read_prediction
+    from zoompipe.slide import open_slide
+
     result = read_prediction(prediction)
     with open_slide(slide, mpp=result.slide_mpp) as handle:
         for path in write_heatmaps(result, handle, out_dir or Path(prediction).parent, max_side=max_side):

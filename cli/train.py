@@ -5,8 +5,6 @@ import json
 
 import click
 
-from zoompipe.train import train_model
-
 from .options import parse_magnifications
 
 
@@ -39,6 +37,8 @@ def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, magnifica
     Writes OUT/model.safetensors and OUT/config.json (best epoch), OUT/splits.csv, OUT/log.csv and
     OUT/train_summary.json.
     """
+    from zoompipe.train import train_model
+
     summary = train_model(features_dir, labels_csv, out_dir, splits_csv=splits_csv, fold=fold,
                           magnifications=magnifications, k=k, hidden=hidden,
                           attn_hidden=attn_hidden, sigma=sigma, epochs=epochs, lr=lr,

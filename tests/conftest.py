@@ -10,6 +10,14 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+@pytest.fixture(scope="session", autouse=True)
+def encoder_cache(tmp_path_factory) -> Path:
+    """Exported encoder graphs go to this session's folder, never to the user's cache."""
+    path = tmp_path_factory.mktemp("zoompipe-cache")
+    os.environ["ZOOMPIPE_CACHE_DIR"] = str(path)
+    return path
+
+
 CMU_SLIDE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "CMU-1-Small-Region.svs"
 
 

@@ -3,8 +3,8 @@
 Base tissue patches are embedded in full; at every later magnification only the children of
 the patches the model selected are read from the pyramid and embedded. Everything that decides
 which patches exist (tissue parameters, grid cascade, patch size, minimum tissue) and how they
-are embedded (encoder, precision) comes from the run's ``config.json``, so the engine sees the
-very patches the model was trained on.
+are embedded (encoder) comes from the run's ``config.json``, so the engine sees the very patches
+the model was trained on. Precision and runtime are this machine's choice, not the run's.
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ class Prediction:
     tissue: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
     full_read_patches: int = 0
+    encoder: dict[str, Any] = field(default_factory=dict)
 
     @property
     def predicted(self) -> str:
@@ -111,7 +112,8 @@ class Prediction:
             "probabilities": dict(zip(self.class_names, (float(p) for p in self.probabilities))),
             "patches_embedded": self.patches_embedded, "full_read_patches": self.full_read_patches,
             "timings": {k: round(v, 4) for k, v in self.timings.items()}, "tissue": self.tissue,
-            "magnifications": [m.to_dict() for m in self.magnifications], "zoompipe_version": __version__,
+            "magnifications": [m.to_dict() for m in self.magnifications], "encoder": self.encoder,
+            "zoompipe_version": __version__,
         }
 
     @classmethod
@@ -123,7 +125,7 @@ class Prediction:
             probabilities=np.array([data["probabilities"][n] for n in names]),
             magnifications=[MagnificationReport.from_dict(m) for m in data["magnifications"]],
             tissue=data["tissue"], timings=data.get("timings", {}),
-            full_read_patches=int(data.get("full_read_patches", 0)))
+            full_read_patches=int(data.get("full_read_patches", 0)), encoder=data.get("encoder", {}))
 
 
 class ZoomPredictor:
@@ -135,15 +137,18 @@ class ZoomPredictor:
         Folder with ``model.safetensors`` and ``config.json`` (``zoompipe train``).
     device : str
         Where the encoder and the model run.
-    precision : str, optional
-        Encoder precision; by default the one the training features were computed with.
+    precision, runtime : str
+        Encoder precision and runtime (see :func:`~zoompipe.encoders.create_encoder`); ``auto``
+        picks what this machine runs fastest. The precision of the training features is
+        reported (:attr:`encoder_report`), not imposed: bf16 and fp32 features lead to the same
+        decisions (``tests/test_precision.py``), and bf16 is emulated and slow on most CPUs.
     encoder_weights : str, optional
         Weights file for encoders whose weights do not ship with zoompipe.
     batch_size, workers : int
         Encoder batch and patch reader threads.
     """
 
-    def __init__(self, run_dir: str | Path, device: str = "cpu", precision: str | None = None,
+    def __init__(self, run_dir: str | Path, device: str = "cpu", precision: str = "auto", runtime: str = "auto",
                  encoder_weights: str | None = None, batch_size: int = 32, workers: int = 2) -> None:
         self.run_dir = Path(run_dir)
         self.model, self.config = load_run(self.run_dir, device=device)
@@ -163,7 +168,9 @@ class ZoomPredictor:
                                   f"part of the grid cascade {self.grid_magnifications}")
         magnification_ratios(self.grid_magnifications)
         self.encoder = create_encoder(encoder["name"], weights=encoder_weights, device=device,
-                                      precision=precision or encoder.get("precision", "auto"))
+                                      precision=precision, runtime=runtime)
+        self.encoder_report = {"name": self.encoder.name, "precision": self.encoder.precision,
+                               "runtime": self.encoder.runtime, "training_precision": encoder.get("precision")}
         if self.encoder.feature_dim != self.model.config.in_dim:
             raise CheckpointError(f"{self.run_dir}: encoder {encoder['name']} gives {self.encoder.feature_dim}-d "
                                   f"features, the model expects {self.model.config.in_dim}")
@@ -264,4 +271,5 @@ class ZoomPredictor:
                 slide_id=slide.slide_id, slide_path=str(path), slide_mpp=slide.mpp,
                 slide_dimensions=slide.dimensions, class_names=self.class_names,
                 probabilities=out.probabilities.float().cpu().numpy(), magnifications=reports,
-                tissue=self.config["tissue"], timings=timings, full_read_patches=full)
+                tissue=self.config["tissue"], timings=timings, full_read_patches=full,
+                encoder=dict(self.encoder_report))

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Protocol
-
-from torch import nn
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from ..errors import ZoompipeError
-from .encoder import EncoderConfig
+from .config import EncoderConfig
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class EncoderBuilder(Protocol):
