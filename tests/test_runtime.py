@@ -74,6 +74,17 @@ def test_graph_is_exported_once_per_weights(tmp_path, monkeypatch, weights_files
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
 
 
+def test_a_cached_graph_loads_without_building_the_model(tmp_path):
+    # The default weights ship as a file: its digest finds the graph, and timm is never imported.
+    probe = ("import sys; from zoompipe.encoders import create_encoder; e = create_encoder(); "
+             "print(e.runtime, e.exported, e.model is None, 'timm' in sys.modules)")
+    env = dict(os.environ, ZOOMPIPE_CACHE_DIR=str(tmp_path))
+    runs = [subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+            for _ in range(2)]
+    assert [r.stdout.split() for r in runs] == [["openvino", "True", "False", "True"],
+                                                ["openvino", "False", "True", "False"]], runs[-1].stderr[-2000:]
+
+
 # Each process exports, then waits in the check until the other has exported too, so both
 # renames race for the same cache entry every time.
 CONCURRENT_EXPORT = textwrap.dedent("""

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._registry import list_encoders, lookup, register_encoder
+from ._registry import list_encoders, lookup, register_encoder, weights_file
 from .config import EncoderConfig
 
 from . import efficientnet, resnet, timm_any  # noqa: F401  (their decorators register them)
@@ -74,15 +74,24 @@ def create_encoder(
         ``"openvino"`` for a model that does not export.
     """
     from .encoder import Encoder, resolve_device, resolve_precision
+    from .export import find_graph, remember_graph
     from .runtime import resolve_runtime
 
     builder, variant = lookup(name)
     # Checked before building so a typo fails before a model is created or downloaded.
     resolved = resolve_device(device)
-    resolve_runtime(runtime, resolved, resolve_precision(precision, resolved))
+    chosen = resolve_runtime(runtime, resolved, resolve_precision(precision, resolved))
     path = Path(weights) if weights is not None else None
+    source = weights_file(name, path)
+    found = find_graph(name, source) if chosen == "openvino" and source is not None else None
+    if found is not None:
+        graph, config = found
+        return Encoder(None, config, device=device, precision=precision, runtime=chosen, graph=graph)
     model, config = builder(weights=path, variant=variant)
-    return Encoder(model, config, device=device, precision=precision, runtime=runtime)
+    encoder = Encoder(model, config, device=device, precision=precision, runtime=runtime)
+    if encoder.graph is not None and source is not None:
+        remember_graph(name, source, encoder.graph.graph, config)
+    return encoder
 
 
 def __getattr__(name: str) -> Any:

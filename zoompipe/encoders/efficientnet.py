@@ -92,7 +92,7 @@ def build_lite0_classifier(weights: str | Path | None = None) -> nn.Module:
     return model.eval()
 
 
-@register_encoder(NAME)
+@register_encoder(NAME, default_weights=packaged_weights_path)
 def efficientnet_lite0(
     weights: Path | None, variant: str | None
 ) -> tuple[nn.Module, EncoderConfig]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -70,9 +71,9 @@ class Encoder:
 
     Parameters
     ----------
-    model : torch.nn.Module
+    model : torch.nn.Module or None
         Maps normalised ``(B, 3, input_size, input_size)`` float tensors to
-        ``(B, feature_dim)`` features.
+        ``(B, feature_dim)`` features. None with ``graph``.
     config : EncoderConfig
         Name, feature size and preprocessing of ``model``.
     device : str or torch.device
@@ -83,6 +84,9 @@ class Encoder:
         What runs the model; see :func:`~zoompipe.encoders.runtime.resolve_runtime`. Under
         ``"auto"``, a model whose graph does not export or differs from torch runs on torch,
         with a warning.
+    graph : Path, optional
+        A cached graph of the model, checked when it was exported, to run on OpenVINO without
+        the torch model.
 
     Attributes
     ----------
@@ -90,29 +94,34 @@ class Encoder:
         What this machine runs, ``"auto"`` resolved.
     exported : bool
         Whether building this encoder exported its graph (False: none needed, or cached).
+    graph : OpenVinoForward or None
+        The OpenVINO forward pass, when that is the runtime.
     """
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | None,
         config: EncoderConfig,
         device: str | torch.device = "cpu",
         precision: str = "auto",
         runtime: str = "auto",
+        graph: Path | None = None,
     ) -> None:
         self.config = config
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.runtime = resolve_runtime(runtime, self.device, self.precision)
         # channels_last lets oneDNN/cuDNN pick NHWC kernels: 1.6x faster in fp32 on CPU.
-        self.model = (
+        self.model = model and (
             model.eval().requires_grad_(False).to(self.device, memory_format=torch.channels_last)
         )
         self.exported = False
-        self._graph: OpenVinoForward | None = None
-        if self.runtime == "openvino":
+        self.graph: OpenVinoForward | None = None
+        if self.runtime == "openvino" and graph is not None:
+            self.graph = OpenVinoForward(graph, torch.get_num_threads())
+        elif self.runtime == "openvino":
             try:
-                self._graph, self.exported = compile_openvino(self.model, config)
+                self.graph, self.exported = compile_openvino(self.model, config)
             except ExportError as err:
                 if runtime != "auto":
                     raise
@@ -184,8 +193,8 @@ class Encoder:
         """Features of a batch of ``(B, 3, H, W)`` 0-255 images, float32 on the device."""
         with torch.inference_mode():
             x = self.preprocess(images)
-            if self._graph is not None:
-                return self._graph(x)
+            if self.graph is not None:
+                return self.graph(x)
             dtype = _AUTOCAST_DTYPES.get(self.precision)
             with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
                 features = self.model(x)
