@@ -20,8 +20,8 @@ from .options import compute_options, slide_options
 @click.option("--profile", is_flag=True, help="Print seconds per stage and patches per magnification.")
 @compute_options
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
-              help="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32, whatever the training "
-                   "features used (--profile and the JSON report both).")
+              help="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32. The training features' "
+                   "precision is reported (--profile, JSON), not imposed.")
 @click.option("--encoder-weights", type=click.Path(dir_okay=False), default=None,
               help="Encoder weights file, for encoders whose weights do not ship with zoompipe.")
 @slide_options
