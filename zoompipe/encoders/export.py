@@ -85,8 +85,11 @@ def find_graph(name: str, source: Path) -> tuple[Path, EncoderConfig] | None:
 def remember_graph(name: str, source: Path, graph: Path, config: EncoderConfig) -> None:
     """Index ``graph`` under weights file ``source``, for :func:`find_graph`."""
     index = _index_path(name, source)
-    index.parent.mkdir(parents=True, exist_ok=True)
-    write_text(index, json.dumps({"graph": graph.name, "config": asdict(config)}))
+    try:
+        index.parent.mkdir(parents=True, exist_ok=True)
+        write_text(index, json.dumps({"graph": graph.name, "config": asdict(config)}))
+    except OSError:
+        pass  # a read-only cache only costs the next run a model build
 
 
 def export_onnx(model: nn.Module, config: EncoderConfig, path: Path) -> None:
