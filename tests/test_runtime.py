@@ -141,7 +141,7 @@ def _svd_encoder(weights, variant):
     return _SingularValues(), EncoderConfig(name="test_svd", feature_dim=3, weights="none", input_size=32)
 
 
-def test_an_encoder_that_does_not_export_runs_on_torch(tissue_patches, capfd):
+def test_an_encoder_that_does_not_export_runs_on_torch(tissue_patches):
     with pytest.warns(UserWarning, match="does not export to ONNX.*runs on torch"):
         encoder = create_encoder("test_svd")
     assert encoder.runtime == "torch"
