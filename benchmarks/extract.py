@@ -5,7 +5,8 @@ Both runs embed the same patches of one synthetic slide, side by side in one pro
 1. encoder alone: patches already decoded in memory, batches straight into the encoder;
 2. whole path: ``embed_patches`` reading the patches from the slide with reader threads.
 
-Usage: python benchmarks/extract.py [--patches 512] [--mpp 1.0] [--precision auto] [--workers 2]
+Usage: python benchmarks/extract.py [--patches 512] [--mpp 1.0] [--precision auto] [--runtime auto]
+       [--workers 2]
 Prints patches/s of both and their ratio (target: the whole path at >= 85% of the encoder alone).
 """
 
@@ -36,11 +37,12 @@ def main() -> None:
     parser.add_argument("--mpp", type=float, default=1.0, help="patch resolution (1.0 = 10x)")
     parser.add_argument("--encoder", default=DEFAULT_ENCODER)
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--runtime", default="auto")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
 
-    encoder = create_encoder(args.encoder, precision=args.precision)
+    encoder = create_encoder(args.encoder, precision=args.precision, runtime=args.runtime)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.svs"
         write_synthetic_slide(path, 24576, 24576, mpp=0.25, seed=7)
@@ -64,7 +66,7 @@ def main() -> None:
             t_full = time.perf_counter() - start
     assert np.allclose(alone, full, atol=1e-4), "the two paths must embed the same pixels"
     rate_alone, rate_full = len(coords) / t_alone, len(coords) / t_full
-    print(f"encoder {encoder.name} ({encoder.precision}), {len(coords)} patches of 256 px at {args.mpp:g} mpp, "
+    print(f"encoder {encoder.name} ({encoder.precision}, {encoder.runtime}), {len(coords)} patches of 256 px at {args.mpp:g} mpp, "
           f"batch {args.batch_size}, {args.workers} reader threads, torch threads {torch.get_num_threads()}")
     print(f"encoder alone : {rate_alone:7.1f} patches/s")
     print(f"whole path    : {rate_full:7.1f} patches/s")

@@ -7,7 +7,6 @@ import json
 import click
 
 from zoompipe.errors import ZoompipeError
-from zoompipe.slide import open_slide
 
 
 @click.command("info")
@@ -21,6 +20,8 @@ def info_command(slides: tuple[str, ...], backend: str, mpp: float | None, as_js
 
     Every slide is reported; the exit status is 1 if any could not be opened.
     """
+    from zoompipe.slide import open_slide
+
     failed = 0
     for path in slides:
         try:

@@ -42,6 +42,8 @@ slide_options = _stack(
 #: Where and how patches are embedded (preprocess, predict).
 compute_options = _stack(
     click.option("--device", default="cpu", help="cpu, cuda, cuda:1 ..."),
+    click.option("--runtime", type=click.Choice(["auto", "torch", "openvino"]), default="auto",
+                 help="Encoder runtime; auto: OpenVINO for fp32 on CPU, torch otherwise."),
     click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Patches per encoder batch."),
     click.option("--workers", type=click.IntRange(min=1), default=2,
                  help="Patch reader threads, each with its own slide handle."),

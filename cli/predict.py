@@ -21,11 +21,12 @@ from .options import compute_options, mask_dir_option, slide_options
 @mask_dir_option
 @compute_options
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
-              help="Encoder precision: auto is fp16 on CUDA, bf16 on CPUs with native bf16, else fp32.")
+              help="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32. The training features' "
+                   "precision is reported (--profile, JSON), not imposed.")
 @click.option("--encoder-weights", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Encoder weights file, when the training features were made with one.")
 @slide_options
-def predict_command(slides, run_dir, out_dir, heatmap, geojson, profile, mask_dir, device, precision,
+def predict_command(slides, run_dir, out_dir, heatmap, geojson, profile, mask_dir, device, runtime, precision,
                     encoder_weights, batch_size, workers, backend, mpp, mpp_csv) -> None:
     """Classify raw SLIDES, reading high magnifications only where the model zooms.
 
@@ -41,8 +42,13 @@ def predict_command(slides, run_dir, out_dir, heatmap, geojson, profile, mask_di
     if run_dir is None:
         run_dir = demo_run_dir()
         click.echo(f"using the demo model ({run_dir}); it was trained on synthetic slides", err=True)
-    predictor = ZoomPredictor(run_dir, device=device, precision=precision, encoder_weights=encoder_weights,
-                              batch_size=batch_size, workers=workers, mask_dir=mask_dir)
+    predictor = ZoomPredictor(run_dir, device=device, precision=precision, runtime=runtime,
+                              encoder_weights=encoder_weights, batch_size=batch_size, workers=workers,
+                              mask_dir=mask_dir)
+    if profile:
+        used = predictor.encoder_report
+        click.echo(f"encoder {used['name']}: {used['precision']} on {used['runtime']} "
+                   f"(training features: {used['training_precision'] or 'not recorded'})", err=True)
     outcomes = predict_slides(slides, predictor, out_dir, heatmap=heatmap, geojson=geojson, mpp=mpp,
                               mpp_csv=mpp_csv, backend=backend, progress=profile)
     for outcome in outcomes:

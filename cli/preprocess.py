@@ -31,7 +31,7 @@ from .options import compute_options, mask_dir_option, parse_magnifications, sli
 @slide_options
 @click.option("--overwrite", is_flag=True, help="Redo slides whose outputs exist.")
 def preprocess_command(slides, out_dir, magnifications, patch_size, min_tissue, tissue_preset, mask_mpp, mask_dir,
-                       encoder, weights, device, precision, batch_size, workers, backend, mpp, mpp_csv, overwrite) -> None:
+                       encoder, weights, device, runtime, precision, batch_size, workers, backend, mpp, mpp_csv, overwrite) -> None:
     """Segment tissue, tile every magnification of the cascade and embed every patch.
 
     SLIDES are slide files, folders (searched recursively) or CSVs with a slide_path column.
@@ -46,8 +46,8 @@ def preprocess_command(slides, out_dir, magnifications, patch_size, min_tissue, 
     config = PreprocessConfig(
         magnifications=magnifications, patch_size=patch_size, min_tissue=min_tissue,
         tissue=get_params(tissue_preset, **overrides), encoder=encoder, weights=weights, device=device,
-        precision=precision, batch_size=batch_size, workers=workers, backend=backend, mpp=mpp, mpp_csv=mpp_csv,
-        mask_dir=mask_dir)
+        precision=precision, runtime=runtime, batch_size=batch_size, workers=workers, backend=backend, mpp=mpp,
+        mpp_csv=mpp_csv, mask_dir=mask_dir)
     results = preprocess_slides(slides, out_dir, config, overwrite=overwrite)
     for row in results:
         detail = row.error if row.status == "failed" else row.detail

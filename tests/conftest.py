@@ -13,6 +13,14 @@ from zoompipe.environment import apply_speed_settings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 apply_speed_settings()  # before any test module imports torch
 
+@pytest.fixture(scope="session", autouse=True)
+def encoder_cache(tmp_path_factory) -> Path:
+    """Exported encoder graphs go to this session's folder, never to the user's cache."""
+    path = tmp_path_factory.mktemp("zoompipe-cache")
+    os.environ["ZOOMPIPE_CACHE_DIR"] = str(path)
+    return path
+
+
 CMU_SLIDE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "CMU-1-Small-Region.svs"
 
 

@@ -7,7 +7,8 @@ are embedded (encoder and its weights) comes from the pipeline contract in the r
 ``config.json`` and goes through the same slide path as preprocessing
 (:func:`zoompipe.tiling.tile_slide`), so the engine sees the very patches the model was trained
 on. The model says what it needs: a model on one magnification gets its whole bag, ZoomMIL gets
-the base and a callback that embeds the children of what it selects.
+the base and a callback that embeds the children of what it selects. Precision
+and runtime are this machine's choice, not the run's.
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ class ZoomPredictor:
         Folder with ``model.safetensors`` and ``config.json`` (``zoompipe train``).
     device : str
         Where the encoder and the model run.
-    precision : str, optional
-        Encoder precision; ``auto`` by default (what this machine does best, whatever the
-        training features used).
+    precision, runtime : str
+        Encoder precision and runtime (see :func:`~zoompipe.encoders.create_encoder`); ``auto``
+        picks what this machine runs fastest. The precision of the training features is
+        reported (:attr:`encoder_report`), not imposed: bf16 and fp32 features lead to the same
+        decisions (``tests/test_precision.py``), and bf16 is emulated and slow on most CPUs.
     encoder_weights : str, optional
         Weights file for encoders whose weights do not ship with zoompipe; it must be the file
         the training features were made with.
@@ -58,7 +61,7 @@ class ZoomPredictor:
         A run that cannot predict from raw slides.
     """
 
-    def __init__(self, run_dir: str | Path, device: str = "cpu", precision: str | None = None,
+    def __init__(self, run_dir: str | Path, device: str = "cpu", precision: str = "auto", runtime: str = "auto",
                  encoder_weights: str | None = None, batch_size: int = 32, workers: int = 2,
                  mask_dir: str | Path | None = None) -> None:
         self.run_dir = Path(run_dir)
@@ -82,7 +85,9 @@ class ZoomPredictor:
             if file_sha256(encoder_weights) != encoder.weights:
                 raise UsageError(f"{encoder_weights} is not the weights file the features were made with")
         self.encoder = create_encoder(encoder.name, weights=encoder_weights, device=device,
-                                      precision=precision or "auto")
+                                      precision=precision, runtime=runtime)
+        self.encoder_report = {"name": self.encoder.name, "precision": self.encoder.precision,
+                               "runtime": self.encoder.runtime, "training_precision": encoder.precision}
         if self.encoder.feature_dim != self.model.config.in_dim:
             raise CheckpointError(f"{self.run_dir}: encoder {encoder.name} gives {self.encoder.feature_dim}-d "
                                   f"features, the model expects {self.model.config.in_dim}")
@@ -187,5 +192,6 @@ class ZoomPredictor:
             slide_id=slide.slide_id, slide_path=str(slide.path), slide_mpp=slide.mpp,
             slide_dimensions=slide.dimensions, class_names=self.class_names,
             probabilities=out.probabilities.float().cpu().numpy(), magnifications=reports,
-            pipeline=self.pipeline, timings=timings, full_read_patches=full)
+            pipeline=self.pipeline, timings=timings, full_read_patches=full,
+            encoder=dict(self.encoder_report))
         return prediction, mask

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from scipy.stats import rankdata
 
 from .prediction import MagnificationReport, Prediction
 from .qc import GRID_RGB, overview_mpp, write_png
@@ -27,6 +26,9 @@ _COLORMAP = cv2.COLORMAP_TURBO
 
 def rank_normalise(values: np.ndarray) -> np.ndarray:
     """Ranks scaled to [0, 1], ties sharing their mean rank (equal attention, equal colour)."""
+    # scipy.stats takes a second to import: only runs that draw heatmaps pay it.
+    from scipy.stats import rankdata
+
     values = np.asarray(values, np.float64)
     if len(values) <= 1:
         return np.ones(len(values))

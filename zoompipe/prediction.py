@@ -80,6 +80,9 @@ class Prediction:
     pipeline: PipelineContract
     timings: dict[str, float] = field(default_factory=dict)
     full_read_patches: int = 0
+    #: What embedded the patches on this machine: name, precision, runtime, and the precision
+    #: of the training features (recorded in ``pipeline``, not imposed).
+    encoder: dict[str, Any] = field(default_factory=dict)
 
     @property
     def predicted(self) -> str:
@@ -96,7 +99,7 @@ class Prediction:
             "probabilities": dict(zip(self.class_names, (float(p) for p in self.probabilities))),
             "patches_embedded": self.patches_embedded, "full_read_patches": self.full_read_patches,
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
-            "pipeline": self.pipeline.model_dump(mode="json"),
+            "pipeline": self.pipeline.model_dump(mode="json"), "encoder": self.encoder,
             "magnifications": [m.to_dict() for m in self.magnifications], "zoompipe_version": __version__,
         }
 
@@ -109,4 +112,4 @@ class Prediction:
             probabilities=np.array([data["probabilities"][n] for n in names]),
             magnifications=[MagnificationReport.from_dict(m) for m in data["magnifications"]],
             pipeline=PipelineContract.from_data(data["pipeline"], source), timings=data.get("timings", {}),
-            full_read_patches=int(data.get("full_read_patches", 0)))
+            full_read_patches=int(data.get("full_read_patches", 0)), encoder=data.get("encoder", {}))

@@ -51,7 +51,7 @@ class PreprocessConfig:
     min_tissue : float
         Tissue fraction a base patch needs to be kept.
     tissue : TissueParams
-    encoder, weights, device, precision
+    encoder, weights, device, precision, runtime
         See :func:`zoompipe.encoders.create_encoder`.
     batch_size, workers
         Encoder batch and reader threads.
@@ -74,6 +74,7 @@ class PreprocessConfig:
     weights: str | None = None
     device: str = "cpu"
     precision: str = "auto"
+    runtime: str = "auto"
     batch_size: int = 32
     workers: int = 2
     backend: str = "auto"
@@ -217,7 +218,8 @@ def preprocess_slides(inputs: Sequence[str | Path], out_dir: str | Path, config:
                 start = time.perf_counter()
                 try:
                     if encoder is None:
-                        encoder = create_encoder(config.encoder, config.weights, config.device, config.precision)
+                        encoder = create_encoder(config.encoder, config.weights, config.device, config.precision,
+                                                 config.runtime)
                         contract = run_contract(config, encoder)
                     patches = preprocess_slide(path, out_dir, config, encoder, contract,
                                                mpp=overrides.get(slide_id, config.mpp), progress=progress)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import timm
-from timm.models import get_pretrained_cfg
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..errors import ZoompipeError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def create_pretrained(arch: str, encoder: str, **kwargs: object) -> nn.Module:
@@ -15,6 +16,9 @@ def create_pretrained(arch: str, encoder: str, **kwargs: object) -> nn.Module:
     timm falls back to random weights with only a log warning when a model has none
     published, so that case is refused before creating anything.
     """
+    import timm
+    from timm.models import get_pretrained_cfg
+
     cfg = get_pretrained_cfg(arch)
     if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
         raise ZoompipeError(

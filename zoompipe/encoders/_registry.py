@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Protocol
-
-from torch import nn
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from ..errors import ZoompipeError
-from .encoder import EncoderConfig
+from .config import EncoderConfig
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class EncoderBuilder(Protocol):
@@ -26,22 +27,38 @@ class EncoderBuilder(Protocol):
 
 
 _BUILDERS: dict[str, EncoderBuilder] = {}
+_DEFAULT_WEIGHTS: dict[str, Callable[[], Path]] = {}
 
 
-def register_encoder(name: str) -> Callable[[EncoderBuilder], EncoderBuilder]:
+def register_encoder(
+    name: str, default_weights: Callable[[], Path] | None = None
+) -> Callable[[EncoderBuilder], EncoderBuilder]:
     """Decorator adding a builder to the registry under ``name``.
 
     A name ending in ``":"`` (``"timm:"``) registers a family: ``create_encoder("timm:x")``
-    calls that builder with ``variant="x"``.
+    calls that builder with ``variant="x"``. ``default_weights``, for encoders whose default
+    weights are a local file (shipped in a package), returns that file: a graph cached for it
+    is then found without building the model.
     """
 
     def decorate(builder: EncoderBuilder) -> EncoderBuilder:
         if name in _BUILDERS:
             raise ValueError(f"encoder {name!r} is already registered")
         _BUILDERS[name] = builder
+        if default_weights is not None:
+            _DEFAULT_WEIGHTS[name] = default_weights
         return builder
 
     return decorate
+
+
+def weights_file(name: str, weights: Path | None) -> Path | None:
+    """The file the weights of encoder ``name`` come from: ``weights``, else its default
+    weights' file where that is local, else None (weights from a hub)."""
+    if weights is not None:
+        return weights
+    default = _DEFAULT_WEIGHTS.get(name)
+    return default() if default is not None else None
 
 
 def list_encoders() -> list[str]:

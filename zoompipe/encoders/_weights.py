@@ -5,13 +5,13 @@ from __future__ import annotations
 import pickle
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..errors import ZoompipeError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 # Training scripts save {"state_dict": ...} or {"model": ...} beside epoch counters.
 _NESTING_KEYS = ("state_dict", "model")
@@ -29,6 +29,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     ZoompipeError
         The file is missing, unreadable, pickles Python objects, or holds no state dict.
     """
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     path = Path(path)
     if not path.is_file():
         raise ZoompipeError(f"weights file not found: {path}")

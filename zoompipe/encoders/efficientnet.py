@@ -10,15 +10,16 @@ position, with every shape checked.
 from __future__ import annotations
 
 from pathlib import Path
-
-import timm
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..errors import ZoompipeError
 from ._registry import register_encoder
 from ._weights import load_checked, read_state_dict
-from .encoder import EncoderConfig
+from .config import EncoderConfig
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 NAME = "efficientnet_lite0"
 TIMM_ARCH = "tf_efficientnet_lite0"
@@ -78,6 +79,8 @@ def build_lite0_classifier(weights: str | Path | None = None) -> nn.Module:
     torch.nn.Module
         The classifier in eval mode; it expects inputs scaled as ``(x - 127.5) / 127.5``.
     """
+    import timm
+
     path = Path(weights) if weights is not None else packaged_weights_path()
     state_dict = read_state_dict(path)
     model = timm.create_model(TIMM_ARCH, pretrained=False)
@@ -89,7 +92,7 @@ def build_lite0_classifier(weights: str | Path | None = None) -> nn.Module:
     return model.eval()
 
 
-@register_encoder(NAME)
+@register_encoder(NAME, default_weights=packaged_weights_path)
 def efficientnet_lite0(
     weights: Path | None, variant: str | None
 ) -> tuple[nn.Module, EncoderConfig]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -10,43 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ZoompipeError
+from .config import EncoderConfig
+from .runtime import ExportError, OpenVinoForward, compile_openvino, resolve_runtime
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass(frozen=True)
-class EncoderConfig:
-    """What a feature file needs to know about the encoder that produced it.
-
-    Attributes
-    ----------
-    name : str
-        Stable identifier written into every feature file (``"efficientnet_lite0"``,
-        ``"resnet50_trunc"``, ``"timm:<model>"``); features are only comparable between
-        files with the same name and weights.
-    feature_dim : int
-        Length of one patch feature vector.
-    weights : str
-        Where the weights came from (a package, a hub tag or a file path).
-    input_size : int
-        Side in pixels the model sees. Patches of another size are resized, as CLAM and
-        TRIDENT do when they feed 256 px patches to ImageNet models at 224 px.
-    mean, std : tuple of float
-        Per-channel RGB normalisation in [0, 1] units (timm's convention): the model sees
-        ``(pixel / 255 - mean) / std``.
-    interpolation : str
-        ``torch.nn.functional.interpolate`` mode of that resize, always antialiased so that
-        downscaling averages pixels like PIL does instead of skipping them.
-    """
-
-    name: str
-    feature_dim: int
-    weights: str
-    input_size: int = 224
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    interpolation: str = "bilinear"
 
 
 def _cpu_has_fast_bf16() -> bool:
@@ -72,7 +42,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return "bf16" if device.type == "cpu" and _cpu_has_fast_bf16() else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise ZoompipeError(f"precision fp16 needs a CUDA device, not {device}; use bf16 or fp32")
+    if precision == "bf16" and device.type == "cpu" and not _cpu_has_fast_bf16():
+        _warn_once("this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 is emulated, slower than "
+                   "fp32 on torch and 4x slower than fp32 on OpenVINO; --precision auto picks fp32 here")
     return precision
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -93,31 +71,62 @@ class Encoder:
 
     Parameters
     ----------
-    model : torch.nn.Module
+    model : torch.nn.Module or None
         Maps normalised ``(B, 3, input_size, input_size)`` float tensors to
-        ``(B, feature_dim)`` features.
+        ``(B, feature_dim)`` features. None with ``graph``.
     config : EncoderConfig
         Name, feature size and preprocessing of ``model``.
     device : str or torch.device
         Where the model runs.
     precision : {"auto", "fp32", "bf16", "fp16"}
         Autocast dtype; see :func:`resolve_precision` for ``"auto"``.
+    runtime : {"auto", "torch", "openvino"}
+        What runs the model; see :func:`~zoompipe.encoders.runtime.resolve_runtime`. Under
+        ``"auto"``, a model whose graph does not export or differs from torch runs on torch,
+        with a warning.
+    graph : Path, optional
+        A cached graph of the model, checked when it was exported, to run on OpenVINO without
+        the torch model.
+
+    Attributes
+    ----------
+    precision, runtime : str
+        What this machine runs, ``"auto"`` resolved.
+    exported : bool
+        Whether building this encoder exported its graph (False: none needed, or cached).
+    graph : OpenVinoForward or None
+        The OpenVINO forward pass, when that is the runtime.
     """
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | None,
         config: EncoderConfig,
         device: str | torch.device = "cpu",
         precision: str = "auto",
+        runtime: str = "auto",
+        graph: Path | None = None,
     ) -> None:
         self.config = config
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
+        self.runtime = resolve_runtime(runtime, self.device, self.precision)
         # channels_last lets oneDNN/cuDNN pick NHWC kernels: 1.6x faster in fp32 on CPU.
-        self.model = (
+        self.model = None if model is None else (
             model.eval().requires_grad_(False).to(self.device, memory_format=torch.channels_last)
         )
+        self.exported = False
+        self.graph: OpenVinoForward | None = None
+        if self.runtime == "openvino" and graph is not None:
+            self.graph = OpenVinoForward(graph, torch.get_num_threads())
+        elif self.runtime == "openvino":
+            try:
+                self.graph, self.exported = compile_openvino(self.model, config)
+            except ExportError as err:
+                if runtime != "auto":
+                    raise
+                _warn_once(f"{err}; it runs on torch")
+                self.runtime = "torch"
         # (x - mean) / std as x * scale + shift in 0-255 units: one fused pass, no /255.
         mean = torch.tensor(config.mean, device=self.device).view(1, 3, 1, 1) * 255.0
         std = torch.tensor(config.std, device=self.device).view(1, 3, 1, 1) * 255.0
@@ -143,7 +152,7 @@ class Encoder:
         return (
             f"Encoder(name={self.name!r}, feature_dim={self.feature_dim}, "
             f"input_size={self.input_size}, device={str(self.device)!r}, "
-            f"precision={self.precision!r})"
+            f"precision={self.precision!r}, runtime={self.runtime!r})"
         )
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
@@ -184,6 +193,8 @@ class Encoder:
         """Features of a batch of ``(B, 3, H, W)`` 0-255 images, float32 on the device."""
         with torch.inference_mode():
             x = self.preprocess(images)
+            if self.graph is not None:
+                return self.graph(x)
             dtype = _AUTOCAST_DTYPES.get(self.precision)
             with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
                 features = self.model(x)

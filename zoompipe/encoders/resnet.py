@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-
-import timm
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ._hub import create_pretrained
 from ._registry import register_encoder
 from ._weights import load_checked, read_state_dict
-from .encoder import EncoderConfig
+from .config import EncoderConfig
+
+if TYPE_CHECKING:
+    from torch import nn
 
 NAME = "resnet50_trunc"
 TIMM_ARCH = "resnet50.tv_in1k"
@@ -26,6 +27,9 @@ def resnet50_trunc(
     ``layer4`` and ``fc`` tensors, if present, are ignored. Without it the torchvision
     ImageNet weights are fetched from the Hugging Face hub.
     """
+    import timm
+    from torch import nn
+
     if weights is None:
         model = create_pretrained(TIMM_ARCH, NAME)
     else:

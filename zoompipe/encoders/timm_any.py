@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-
-import timm
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..errors import ZoompipeError
 from ._hub import create_pretrained
 from ._registry import register_encoder
 from ._weights import load_checked, read_state_dict
-from .encoder import EncoderConfig
+from .config import EncoderConfig
+
+if TYPE_CHECKING:
+    from torch import nn
 
 PREFIX = "timm:"
 
@@ -26,6 +27,8 @@ def timm_model(
     (``"resnet50.a1_in1k"``). ``weights`` is a state dict for that model; classifier
     tensors in it are ignored. Without it the model's default weights come from the hub.
     """
+    import timm
+
     name = PREFIX + variant
     if not timm.is_model(variant):
         raise ZoompipeError(f"unknown encoder {name!r}: timm has no model {variant!r}")

@@ -1,0 +1,45 @@
+"""Cold start: commands that need no model never import torch or timm."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from zoompipe.synthetic import write_synthetic_slide
+
+HEAVY = ("torch", "timm", "openvino")
+
+# Runs a command in a fresh interpreter and prints which heavy packages it imported.
+PROBE = """
+import json, sys
+from zoompipe.cli.main import cli
+try:
+    cli(sys.argv[1:], prog_name="zoompipe")
+except SystemExit as end:
+    code = end.code
+print(json.dumps({"code": code, "loaded": sorted({m.split(".")[0] for m in sys.modules} & set(%r))}))
+""" % (HEAVY,)
+
+
+def run_probe(*args: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("command", [["--help"], ["predict", "--help"], ["preprocess", "--help"]])
+def test_help_imports_no_torch(command):
+    assert run_probe(*command) == {"code": 0, "loaded": []}
+
+
+def test_info_imports_no_torch(tmp_path):
+    slide = tmp_path / "small.svs"
+    write_synthetic_slide(slide, 1024, 768, mpp=0.5)
+    assert run_probe("info", str(slide)) == {"code": 0, "loaded": []}
+
+
+def test_predict_does_load_torch():
+    # The probe sees imports: a command that needs torch shows it (here, failing on a missing model).
+    result = run_probe("predict", "missing.svs", "--model", "no_such_run")
+    assert result["code"] == 1 and "torch" in result["loaded"]  # a run that cannot load fails (exit 1)

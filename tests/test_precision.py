@@ -1,0 +1,82 @@
+"""Precision follows the hardware: bf16 and fp32 features lead the model to the same decisions.
+
+Tolerance. bf16 keeps 8 significant bits, so every layer of the encoder rounds by up to 2^-9
+(0.2%) relative; lite0's features then differ from fp32 by about 1% (cosine > 0.99), which moves
+the demo model's zoom scores (scaled to [0, 1]) by at most 0.02 and its probabilities by at
+most 0.03 on demo-sized slides (three measured, on a CPU that emulates bf16). The test allows 0.05 on the
+probabilities, and asks the selections to be the same, except that a patch may swap with one
+whose fp32 score is within 0.02 of the K-th: a tie that bf16 cannot resolve, and after which the
+two runs read different patches and are no longer compared.
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from zoompipe.encoders import create_encoder
+from zoompipe.encoders.encoder import _cpu_has_fast_bf16, _warn_once
+from zoompipe.engine import ZoomPredictor
+from zoompipe.predict import demo_run_dir
+from zoompipe.synthetic import write_synthetic_slide
+
+PROBABILITY_TOLERANCE = 0.05
+TIE = 0.02
+
+
+@pytest.fixture(scope="module")
+def demo_slides(tmp_path_factory):
+    """A malignant slide the size of `make demo`'s (20480 x 16384 px at 0.5 mpp).
+
+    One slide: bf16 is emulated on most CPUs and embeds about 4x slower than fp32.
+    """
+    path = tmp_path_factory.mktemp("demo") / "malignant.svs"
+    write_synthetic_slide(path, 20480, 16384, mpp=0.5, seed=9, layout=dict(grade=2))
+    return [path]
+
+
+def test_bf16_and_fp32_features_make_the_same_decisions(demo_slides):
+    fp32 = ZoomPredictor(demo_run_dir(), precision="fp32", runtime="torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # emulated bf16 on most CPUs: slow, which is not the point here
+        bf16 = ZoomPredictor(demo_run_dir(), precision="bf16")
+    assert (fp32.encoder.precision, bf16.encoder.precision) == ("fp32", "bf16")
+    k = fp32.model.config.k
+    compared = 0
+    for path in demo_slides:
+        a, b = fp32.predict(path), bf16.predict(path)
+        assert a.predicted == b.predicted
+        assert np.abs(a.probabilities - b.probabilities).max() <= PROBABILITY_TOLERANCE
+        for low_a, low_b in zip(a.magnifications[:-1], b.magnifications[:-1]):
+            np.testing.assert_array_equal(low_a.rows, low_b.rows)  # the same bag at this step
+            picked_a, picked_b = set(low_a.rows[low_a.selected]), set(low_b.rows[low_b.selected])
+            compared += 1
+            if picked_a == picked_b:
+                continue
+            scores = dict(zip(low_a.rows, low_a.selection_scores))
+            kth = np.sort(low_a.selection_scores)[::-1][k - 1]
+            assert all(abs(scores[row] - kth) <= TIE for row in picked_a ^ picked_b)
+            break
+    assert compared >= len(demo_slides)
+
+
+@pytest.mark.skipif(_cpu_has_fast_bf16(), reason="this CPU runs bf16 natively")
+def test_explicit_bf16_on_a_cpu_without_it_warns_once():
+    _warn_once.cache_clear()
+    with pytest.warns(UserWarning, match="no native bf16") as caught:
+        create_encoder(precision="bf16")
+        create_encoder(precision="bf16")
+    assert len([w for w in caught if "bf16" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert create_encoder(precision="auto").precision == "fp32"
+
+
+def test_auto_precision_follows_the_cpu(monkeypatch):
+    predictor = ZoomPredictor(demo_run_dir())
+    # The demo model's features were bf16; that is reported, not imposed.
+    assert predictor.encoder_report["training_precision"] == "bf16"
+    assert predictor.encoder.precision == ("bf16" if _cpu_has_fast_bf16() else "fp32")
+    assert predictor.encoder_report["precision"] == predictor.encoder.precision
+    assert predictor.encoder.device == torch.device("cpu")

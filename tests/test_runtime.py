@@ -1,0 +1,167 @@
+"""The CPU runtime: OpenVINO features equal torch fp32, graphs are cached once and exported safely."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from zoompipe.encoders import EncoderConfig, create_encoder, register_encoder
+from zoompipe.encoders.runtime import TOLERANCE, resolve_runtime
+from zoompipe.errors import ZoompipeError
+from zoompipe.slide import open_slide
+from zoompipe.synthetic import write_synthetic_slide
+
+
+@pytest.fixture(scope="module")
+def tissue_patches(tmp_path_factory) -> np.ndarray:
+    """Sixteen 256 px patches read from a synthetic slide at 1 mpp, lesions and background."""
+    path = tmp_path_factory.mktemp("slide") / "tissue.svs"
+    write_synthetic_slide(path, 4096, 2048, mpp=0.5, seed=3, layout=dict(n_lesions=2, grade=2))
+    with open_slide(path) as slide:
+        return np.stack([slide.read_region(x, y, 256, 256, 1.0)[..., :3]
+                         for y in (0, 512, 1024, 1536) for x in (0, 1024, 2048, 3072)])
+
+
+@pytest.fixture(scope="module")
+def weights_files(tmp_path_factory) -> dict:
+    """Seeded weights for a CNN and a ViT of timm, as a user passes them with --weights."""
+    folder = tmp_path_factory.mktemp("weights")
+    files = {}
+    for arch in ("resnet18", "vit_tiny_patch16_224"):
+        torch.manual_seed(0)
+        files[arch] = folder / f"{arch}.safetensors"
+        save_file(timm.create_model(arch, pretrained=False).state_dict(), files[arch])
+    return files
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "timm:resnet18", "timm:vit_tiny_patch16_224"])
+def test_openvino_features_equal_torch_fp32(name, tissue_patches, weights_files):
+    weights = weights_files.get(name.removeprefix("timm:"))
+    fast = create_encoder(name, weights=weights)
+    reference = create_encoder(name, weights=weights, runtime="torch", precision="fp32")
+    assert (fast.runtime, fast.precision, reference.runtime) == ("openvino", "fp32", "torch")
+    ours, theirs = fast.embed(tissue_patches), reference.embed(tissue_patches)
+    assert ours.dtype == np.float32 and ours.shape == theirs.shape
+    # Patches that the features tell apart far beyond the tolerance: the comparison means something.
+    assert np.ptp(theirs, axis=0).max() > 1000 * TOLERANCE
+    assert np.abs(ours - theirs).max() <= TOLERANCE
+    np.testing.assert_array_equal(ours, fast.embed(tissue_patches))
+
+
+def test_graph_is_exported_once_per_weights(tmp_path, monkeypatch, weights_files, tissue_patches):
+    monkeypatch.setenv("ZOOMPIPE_CACHE_DIR", str(tmp_path))
+    first = create_encoder("timm:resnet18", weights=weights_files["resnet18"])
+    graphs = list(tmp_path.rglob("*.onnx"))
+    assert first.exported and len(graphs) == 1
+    stamp = graphs[0].stat().st_mtime_ns, graphs[0].stat().st_ino
+    second = create_encoder("timm:resnet18", weights=weights_files["resnet18"])
+    assert not second.exported and second.runtime == "openvino"
+    assert (graphs[0].stat().st_mtime_ns, graphs[0].stat().st_ino) == stamp
+    np.testing.assert_array_equal(first.embed(tissue_patches[:2]), second.embed(tissue_patches[:2]))
+    # Other weights, same architecture: a graph of their own.
+    other = timm.create_model("resnet18", pretrained=False).state_dict()
+    save_file(other, tmp_path / "other.safetensors")
+    assert create_encoder("timm:resnet18", weights=tmp_path / "other.safetensors").exported
+    assert len(list(tmp_path.rglob("*.onnx"))) == 2
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+
+
+def test_a_cached_graph_loads_without_building_the_model(tmp_path):
+    # The default weights ship as a file: its digest finds the graph, and timm is never imported.
+    probe = ("import sys; from zoompipe.encoders import create_encoder; e = create_encoder(); "
+             "print(e.runtime, e.exported, e.model is None, 'timm' in sys.modules)")
+    env = dict(os.environ, ZOOMPIPE_CACHE_DIR=str(tmp_path))
+    runs = [subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+            for _ in range(2)]
+    assert [r.stdout.split() for r in runs] == [["openvino", "True", "False", "True"],
+                                                ["openvino", "False", "True", "False"]], runs[-1].stderr[-2000:]
+
+
+# Each process exports, then waits in the check until the other has exported too, so both
+# renames race for the same cache entry every time.
+CONCURRENT_EXPORT = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import numpy as np
+    from zoompipe.encoders import lookup
+    from zoompipe.encoders.export import cached_graph
+    from zoompipe.encoders.runtime import OpenVinoForward
+
+    me, other = Path(sys.argv[1]), Path(sys.argv[2])
+    builder, variant = lookup("efficientnet_lite0")
+    model, config = builder(weights=None, variant=variant)
+
+    def check(tmp):
+        me.touch()
+        while not other.exists():
+            time.sleep(0.05)
+
+    path, exported = cached_graph(model, config, check)
+    print(exported, path)
+""")
+
+
+def test_concurrent_exports_leave_one_complete_graph(tmp_path, monkeypatch, tissue_patches):
+    env = dict(os.environ, ZOOMPIPE_CACHE_DIR=str(tmp_path / "cache"))
+    marks = [tmp_path / "a", tmp_path / "b"]
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_EXPORT, str(mine), str(theirs)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for mine, theirs in (marks, marks[::-1])]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert [out.split()[0] for out, _ in outputs] == ["True", "True"]  # both really exported
+    assert len({out.split()[1] for out, _ in outputs}) == 1
+    files = list((tmp_path / "cache").rglob("*"))
+    assert [p.suffix for p in files if p.is_file()] == [".onnx"]
+    # The graph that won is complete: a fresh encoder reads it instead of exporting.
+    monkeypatch.setenv("ZOOMPIPE_CACHE_DIR", str(tmp_path / "cache"))
+    cached = create_encoder("efficientnet_lite0")
+    assert not cached.exported
+    reference = create_encoder("efficientnet_lite0", runtime="torch")
+    assert np.abs(cached.embed(tissue_patches[:4]) - reference.embed(tissue_patches[:4])).max() <= TOLERANCE
+
+
+class _SingularValues(nn.Module):
+    """A feature model with an operator ONNX does not have (linalg_svdvals)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.svdvals(x.mean(2))
+
+
+@register_encoder("test_svd")
+def _svd_encoder(weights, variant):
+    return _SingularValues(), EncoderConfig(name="test_svd", feature_dim=3, weights="none", input_size=32)
+
+
+def test_an_encoder_that_does_not_export_runs_on_torch(tissue_patches):
+    with pytest.warns(UserWarning, match="does not export to ONNX.*runs on torch"):
+        encoder = create_encoder("test_svd")
+    assert encoder.runtime == "torch"
+    assert encoder.embed(tissue_patches[:2]).shape == (2, 3)
+    with pytest.raises(ZoompipeError, match="does not export") as info:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            create_encoder("test_svd", runtime="openvino")
+    assert "\n" not in str(info.value)
+
+
+def test_runtime_choice():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_runtime("auto", cpu, "fp32") == "openvino"
+    assert resolve_runtime("auto", cpu, "bf16") == "torch"
+    assert resolve_runtime("auto", cuda, "fp16") == "torch"
+    assert resolve_runtime("torch", cpu, "fp32") == "torch"
+    with pytest.raises(ZoompipeError, match="fp32 on CPU only"):
+        resolve_runtime("openvino", cuda, "fp32")
+    with pytest.raises(ZoompipeError, match="fp32 on CPU only"):
+        resolve_runtime("openvino", cpu, "bf16")
+    with pytest.raises(ZoompipeError, match="unknown runtime"):
+        resolve_runtime("tensorrt", cpu, "fp32")

@@ -1,0 +1,139 @@
+"""Which engine runs an encoder's forward pass: torch, or OpenVINO on CPU.
+
+On CPU in fp32, OpenVINO runs EfficientNet-Lite0's ONNX graph 2.7-5.8x faster than torch with
+features equal to 3e-5 (``benchmarks/encoder_runtimes.py`` compares it with ONNX Runtime and
+``torch.compile``, both exact too but slower). ``auto`` picks it for every encoder whose graph exports and passes the
+exactness check, and torch everywhere else: on GPUs, under bf16 or fp16, when OpenVINO is not
+installed. The choice is made at run time and never stored with features or models.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import ZoompipeError
+from .config import EncoderConfig
+from .export import cached_graph
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+RUNTIMES = ("auto", "torch", "openvino")
+
+#: Largest feature difference from torch fp32 that a graph may have to be used.
+TOLERANCE = 1e-4
+
+# OpenVINO keeps the activations of the largest batch it has run: 220 MB for 32 lite0 patches,
+# 80 MB for 16, which run 4% slower (measured side by side); predict stays under 1.5 GiB.
+CHUNK = 16
+
+
+class ExportError(ZoompipeError):
+    """An encoder's graph could not be exported, or its features differ from torch's."""
+
+
+def resolve_runtime(runtime: str, device: torch.device, precision: str) -> str:
+    """Turn ``"auto"`` into ``"openvino"`` or ``"torch"`` and check an explicit choice.
+
+    Parameters
+    ----------
+    runtime : {"auto", "torch", "openvino"}
+    device : torch.device
+    precision : str
+        Resolved precision (``"fp32"``, ``"bf16"`` or ``"fp16"``).
+    """
+    if runtime not in RUNTIMES:
+        raise ZoompipeError(f"unknown runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+    usable = device.type == "cpu" and precision == "fp32"
+    installed = importlib.util.find_spec("openvino") is not None
+    if runtime == "auto":
+        return "openvino" if usable and installed else "torch"
+    if runtime == "openvino" and not usable:
+        raise ZoompipeError(
+            f"runtime openvino runs fp32 on CPU only, not {precision} on {device}; "
+            "use --runtime torch"
+        )
+    if runtime == "openvino" and not installed:
+        raise ZoompipeError("runtime openvino needs the package openvino: pip install openvino")
+    return runtime
+
+
+class OpenVinoForward:
+    """An ONNX graph compiled by OpenVINO for this CPU, called like the torch model.
+
+    Parameters
+    ----------
+    graph : Path
+        ONNX file of :func:`zoompipe.encoders.export.export_onnx`.
+    threads : int
+        Inference threads; torch's count, so ``torch.set_num_threads`` and
+        ``OMP_NUM_THREADS`` hold for both runtimes.
+    """
+
+    def __init__(self, graph: Path, threads: int) -> None:
+        import openvino
+
+        self.graph = graph
+        # f32 inference: OpenVINO would otherwise pick bf16 on CPUs that have it.
+        self._compiled = openvino.Core().compile_model(
+            str(graph), "CPU",
+            {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads},
+        )
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        # OpenVINO reads plain NCHW memory; the channels_last input would be misread.
+        x = np.ascontiguousarray(pixels.numpy())
+        parts = [self._compiled(x[i:i + CHUNK])[0] for i in range(0, len(x), CHUNK)]
+        return torch.from_numpy(np.concatenate(parts))
+
+
+def compile_openvino(model: nn.Module, config: EncoderConfig) -> tuple[OpenVinoForward, bool]:
+    """OpenVINO forward pass of ``model``, from the cached graph or a fresh, checked export.
+
+    Returns
+    -------
+    forward : OpenVinoForward
+    exported : bool
+        Whether the graph was exported by this call rather than read from the cache.
+
+    Raises
+    ------
+    ExportError
+        The model does not export, or its graph gives features further than
+        :data:`TOLERANCE` from torch fp32 on a probe batch.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    checked: dict[str, OpenVinoForward] = {}
+
+    def check(path: Path) -> None:
+        forward = OpenVinoForward(path, threads)
+        probe = torch.randn(2, 3, config.input_size, config.input_size,
+                            generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            expected = model(probe).float()
+        error = (forward(probe) - expected).abs().max().item()
+        if not error <= TOLERANCE:
+            raise ExportError(f"encoder {config.name}: OpenVINO features differ from torch by {error:.2g}")
+        checked["forward"] = forward
+
+    try:
+        path, exported = cached_graph(model, config, check)
+    except ExportError:
+        raise
+    except Exception as err:  # the exporter raises anything from RuntimeError to onnx errors
+        reason = str(err).split("\n", 1)[0] or type(err).__name__
+        raise ExportError(f"encoder {config.name} does not export to ONNX: {reason}") from err
+    forward = checked.get("forward")
+    if forward is None:
+        return OpenVinoForward(path, threads), exported
+    forward.graph = path  # it was compiled from the file before the file's rename
+    return forward, exported
