@@ -119,17 +119,17 @@ def encoder_gflops_per_patch(name: str) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def run_predict(run_dir: Path, slides: list[Path], out_dir: Path, workers: int) -> dict[str, float]:
+def run_predict(run_dir: Path, slides: list[Path], out_dir: Path, options: list[str]) -> dict[str, float]:
     """``zoompipe predict`` in its own process: wall time and that process's peak RSS.
 
-    The figures are kept in ``out_dir/process.json``; when it exists the slides are not predicted
-    again.
+    ``options`` are further command-line options (workers, device, precision). The figures are
+    kept in ``out_dir/process.json``; when it exists the slides are not predicted again.
     """
     record = out_dir / "process.json"
     if record.exists():
         return json.loads(record.read_text())
     command = [sys.executable, "-m", "zoompipe.cli.main", "predict", *map(str, slides), "--model", str(run_dir),
-               "--out", str(out_dir), "--workers", str(workers)]
+               "--out", str(out_dir), *options]
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(process.pid, 0)
@@ -198,10 +198,10 @@ def same_run(summary: dict[str, Any], run_splits: Path, fold_csv: Path, settings
             and all(recorded[name] == value for name, value in settings.items() if name in recorded))
 
 
-def score_with_predict(run: Path, test: list[dict], cohort: Path, workers: int) -> dict[str, Any]:
+def score_with_predict(run: Path, test: list[dict], cohort: Path, options: list[str]) -> dict[str, Any]:
     """Metrics, cost and localisation of a run from ``zoompipe predict`` on the raw test slides."""
     pred_dir = run / "predict"
-    process = run_predict(run, [Path(r["path"]) for r in test], pred_dir, workers)
+    process = run_predict(run, [Path(r["path"]) for r in test], pred_dir, options)
     predictions = [read_prediction(pred_dir / f"{r['slide_id']}.json") for r in test]
     names = predictions[0].class_names
     y = np.array([names.index(r["label"]) for r in test])
@@ -302,7 +302,8 @@ def prepare(args: argparse.Namespace) -> tuple[list[dict], dict[str, Path], dict
     features = {}
     for name, mags in (("cascade", CASCADE), ("10x", [10.0])):
         t0 = time.perf_counter()
-        config = PreprocessConfig(magnifications=mags, precision=args.precision, workers=args.workers)
+        config = PreprocessConfig(magnifications=mags, precision=args.precision, workers=args.workers,
+                                  device=args.device)
         status = preprocess_slides([r["path"] for r in rows], out / f"pre_{name}", config, progress=True)
         failed = [s for s in status if s.status == "failed"]
         if failed:
@@ -388,7 +389,8 @@ def main() -> None:
     parser.add_argument("--attn-hidden", type=int, default=64, help="attention width of every method")
     parser.add_argument("--jobs", type=int, default=2, help="processes writing the cohort")
     parser.add_argument("--workers", type=int, default=2, help="patch reader threads")
-    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--precision", default="auto", help="encoder precision, for preprocess and predict alike")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda, for every step")
     parser.add_argument("--predict-all-folds", action="store_true",
                         help="ABMIL 10x predicts from raw slides on every fold, not only the first")
     args = parser.parse_args()
@@ -404,7 +406,9 @@ def main() -> None:
     counts = {name: patch_counts(features[m.features], list(labels), m.magnifications[-1])
               for name, m in ((m.name, m) for m in METHODS if not m.zooms)}
 
-    fixed = {"epochs": args.epochs, "attn_hidden": args.attn_hidden, "hidden": args.hidden, "seed": args.seed}
+    fixed = {"epochs": args.epochs, "attn_hidden": args.attn_hidden, "hidden": args.hidden, "seed": args.seed,
+             "device": args.device}
+    predict_options = ["--workers", str(args.workers), "--device", args.device, "--precision", args.precision]
     per_fold: dict[str, list[dict]] = {m.name: [] for m in METHODS}
     t0 = time.perf_counter()
     for fold in range(args.folds):
@@ -419,9 +423,10 @@ def main() -> None:
                                      out / "runs" / method.slug / f"fold{fold}", grid, fixed)
             chosen = next(s["config"] for s in search if s["run"] == str(run))
             if method.zooms or (method == ABMIL_10 and (fold == 0 or args.predict_all_folds)):
-                entry = score_with_predict(run, test, out / "cohort", args.workers)
+                entry = score_with_predict(run, test, out / "cohort", predict_options)
             else:
-                metrics = evaluate_run(run, features[method.features], labels_csv, run / "eval", split="test")
+                metrics = evaluate_run(run, features[method.features], labels_csv, run / "eval", split="test",
+                                       device=args.device)
                 entry = {key: metrics[key] for key in ("accuracy", "weighted_f1", "auc")}
                 entry["scored_from"] = "dense test features"
             per_fold[method.name].append({"fold": fold, "chosen": chosen, "run": str(run), "search": search,
@@ -441,7 +446,8 @@ def main() -> None:
                             / np.mean([z["predict_seconds_per_slide"] for z, _ in both])),
     }
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-               f"{torch.__version__}, {torch.get_num_threads()} threads")
+               f"{torch.__version__}, {torch.get_num_threads()} threads"
+               + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))
     summary = {
         "machine": machine,
         "cohort": {"n": args.n, "width": args.width, "height": args.height, "n_classes": args.classes,
