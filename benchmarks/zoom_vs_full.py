@@ -374,8 +374,8 @@ def main() -> None:
                         help="level-0 px at 0.5 mpp; 61440 x 49152 (31 x 25 mm) gives 46-81 base tissue patches")
     parser.add_argument("--height", type=int, default=49152)
     parser.add_argument("--classes", type=int, default=3)
-    parser.add_argument("--grade-strength", type=float, default=0.5,
-                        help="1 = the generator's grades; lower is subtler (meant to keep ABMIL 10x below 100)")
+    parser.add_argument("--grade-strength", type=float, default=0.25,
+                        help="1 = the generator's grades; lower is subtler (meant to keep ABMIL 10x in 90-100)")
     parser.add_argument("--cohort-seed", type=int, default=0)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--split-seed", type=int, default=0)
