@@ -162,6 +162,7 @@ def search_grid(method: Method, lrs: list[float], ks: list[float], hiddens: list
 
 
 def config_slug(config: dict[str, float]) -> str:
+    """A configuration as a folder name, e.g. ``lr0.0005_k0.25``."""
     return "_".join(f"{name}{value:g}" for name, value in config.items())
 
 
@@ -228,6 +229,7 @@ def patch_counts(features: Path, slide_ids: list[str], magnification: float) -> 
 
 
 def mean_std(values: list[float]) -> str:
+    """Fractions as percent, mean +- population std over folds."""
     return f"{100 * np.mean(values):.1f} +- {100 * np.std(values):.1f}"
 
 
@@ -340,13 +342,11 @@ def write_markdown(path: Path, summary: dict[str, Any]) -> str:
     for name, r in results.items():
         cells = [f"{100 * f['weighted_f1']:.0f} ({config_slug(f['chosen'])})" for f in r["folds"]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    for name in (ZOOMMIL.name,):
-        folds = results[name]["folds"]
-        lines += ["", f"Localisation ({name}), per fold: lesions reached "
-                  + ", ".join(f"{100 * f['lesions_reached']:.0f}%" for f in folds)
-                  + "; 10x attention inside lesions " + ", ".join(f"{100 * f['attention_in_lesions']:.0f}%"
-                                                                for f in folds)
-                  + "; K / N " + ", ".join(f"{f['k_over_n']:.2f}" for f in folds) + "."]
+    folds = zoom["folds"]
+    lines += ["", f"Localisation ({ZOOMMIL.name}), per fold: lesions reached "
+              + ", ".join(f"{100 * f['lesions_reached']:.0f}%" for f in folds)
+              + "; 10x attention inside lesions " + ", ".join(f"{100 * f['attention_in_lesions']:.0f}%" for f in folds)
+              + "; K / N applied " + ", ".join(f"{f['k_over_n']:.2f}" for f in folds) + "."]
     lines += ["", "| target | result | measured |", "|---|---|---|"]
     lines += [f"| {t['target']} | {'met' if t['met'] else 'not met'} | {t['measured']} |"
               for t in summary["targets"]]
@@ -363,6 +363,7 @@ def write_markdown(path: Path, summary: dict[str, Any]) -> str:
 
 
 def floats(text: str) -> list[float]:
+    """A comma-separated list of numbers (a command-line value)."""
     return [float(v) for v in text.split(",")]
 
 
@@ -403,8 +404,8 @@ def main() -> None:
     labels = read_labels(labels_csv)
     by_id = {r["slide_id"]: r for r in rows}
     base_counts = patch_counts(features["cascade"], list(labels), CASCADE[0])
-    counts = {name: patch_counts(features[m.features], list(labels), m.magnifications[-1])
-              for name, m in ((m.name, m) for m in METHODS if not m.zooms)}
+    counts = {m.name: patch_counts(features[m.features], list(labels), m.magnifications[-1])
+              for m in METHODS if not m.zooms}
 
     fixed = {"epochs": args.epochs, "attn_hidden": args.attn_hidden, "hidden": args.hidden, "seed": args.seed,
              "device": args.device}
