@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from zoompipe.synthetic import LESION_COVERAGE, SyntheticTissue
+from zoompipe.synthetic import GRADES, LESION_COVERAGE, SyntheticTissue, lesion_nuclei
 
 SLIDE = dict(width=16384, height=16384, mpp=0.5, seed=3, n_lesions=3, tissue_fraction=0.4)
 
@@ -47,3 +47,16 @@ def test_cohort_is_stratified_and_deterministic_across_processes(tmp_path):
         assert sorted(splits[s] for s in labels if labels[s] == label) == ["test", "train", "val"]
     assert len(list((outputs[0] / "slides").glob("*.svs"))) == 9
     assert len(list((outputs[0] / "regions").glob("*.png"))) == 9
+
+
+def test_grade_strength_interpolates_from_normal_and_defaults_to_the_grades():
+    assert lesion_nuclei(2) == GRADES[2]
+    assert lesion_nuclei(2, 0.0) == GRADES[0]
+    radius = [lesion_nuclei(2, s)[0] for s in (0.0, 0.5, 1.0)]
+    assert radius[0] < radius[1] < radius[2]
+    # At strength 0 the lesions of every grade render the same pixels, even at 10x.
+    grades = [SyntheticTissue(**SLIDE, grade=g, grade_strength=0.0) for g in (0, 2)]
+    ys, xs = np.nonzero(grades[0].lesion_mask(16))
+    x, y = int(xs[len(xs) // 2] * 16), int(ys[len(ys) // 2] * 16)
+    high = [g.render(1, x - 128, y - 128, 256, 256) for g in grades]
+    assert np.array_equal(high[0], high[1])

@@ -234,6 +234,21 @@ _BACKGROUND_RADIUS_UM = 3.5
 _DRAW_RADIUS_UM = 3.0  # nuclei are drawn on levels where this is at least one pixel, blended below
 
 
+def lesion_nuclei(grade: int, strength: float = 1.0) -> tuple[float, float, float]:
+    """Nucleus (radius um, elongation, irregularity) inside the lesions of a grade.
+
+    Parameters
+    ----------
+    grade : int
+        Key of :data:`GRADES`.
+    strength : float
+        Linear interpolation from the normal grade (0) to ``grade`` as written in :data:`GRADES`
+        (1); the lesions' hematoxylin area share stays :data:`LESION_COVERAGE` either way.
+    """
+    normal, target = np.array(GRADES[0]), np.array(GRADES[grade])
+    return tuple(float(v) for v in normal + strength * (target - normal))
+
+
 def _cell_size(radius_um: float, elongation: float, irregularity: float, coverage: float, presence: float) -> float:
     """Lattice spacing (um) that gives a hematoxylin area share of ``coverage``."""
     # Radius factor 0.75 + 0.5u, u ~ U(0, 1): E[f^2] = 1.0208; irregularity scales radii by (1 + i(v - 0.5)).
@@ -267,6 +282,10 @@ class SyntheticTissue:
         Range of lesion diameters in microns.
     grade : int
         Key of :data:`GRADES`, the class of the slide.
+    grade_strength : float
+        How far the lesion nuclei move from the normal grade towards ``grade``
+        (:func:`lesion_nuclei`): 1 gives :data:`GRADES` as they are, smaller values subtler
+        classes, 0 classes that no magnification tells apart.
     """
 
     width: int
@@ -278,6 +297,7 @@ class SyntheticTissue:
     n_lesions: int = 0
     lesion_um: tuple[float, float] = (500.0, 2000.0)
     grade: int = 0
+    grade_strength: float = 1.0
 
     def __post_init__(self) -> None:
         # The layout lives on coarse fields; every level samples them bilinearly so that borders
@@ -355,7 +375,7 @@ class SyntheticTissue:
         rows = []
         kinds = [(0, (_BACKGROUND_RADIUS_UM, 1.0, 0.0), TISSUE_COVERAGE, False)]
         if self.n_lesions:
-            kinds.append((1, GRADES[self.grade], LESION_COVERAGE, True))
+            kinds.append((1, lesion_nuclei(self.grade, self.grade_strength), LESION_COVERAGE, True))
         for salt, (radius_um, elongation, irregularity), coverage, in_lesion in kinds:
             presence = 0.6 if not in_lesion else 0.9
             cell_um = _cell_size(radius_um, elongation, irregularity, coverage, presence)
@@ -455,6 +475,7 @@ def write_cohort(
     mpp: float = 0.5,
     n_classes: int = 3,
     lesions: tuple[int, int] = (2, 4),
+    grade_strength: float = 1.0,
     splits: tuple[float, float, float] = (0.6, 0.2, 0.2),
     jobs: int = 1,
 ) -> list[dict]:
@@ -468,6 +489,7 @@ def write_cohort(
     Writes ``slides/<slide_id>.svs``, ``regions/<slide_id>.png`` (16-bit labels of the lesions
     at :data:`REGIONS_MPP` um/px, 0 = none), ``labels.csv`` (slide_id,label) and ``splits.csv``
     (slide_id,split, stratified). Existing slides are kept, so a run can be resumed.
+    ``grade_strength`` below 1 makes the grades subtler (see :func:`lesion_nuclei`).
 
     Returns
     -------
@@ -486,6 +508,7 @@ def write_cohort(
         grade = grades[index % n_classes]
         slide_seed = seed * 100_003 + index
         layout = dict(n_lesions=int(rng.integers(lesions[0], lesions[1] + 1)), grade=grade,
+                      grade_strength=grade_strength,
                       tissue_fraction=float(rng.uniform(0.3, 0.45)), n_blobs=int(rng.integers(2, 5)))
         slide_id = f"cohort_{index:03d}"
         path = out / "slides" / f"{slide_id}.svs"
