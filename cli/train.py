@@ -5,7 +5,12 @@ import json
 
 import click
 
-from zoompipe.train_defaults import DEFAULT_K, DEFAULT_MAX_GRAD_NORM
+from zoompipe.train_defaults import (
+    DEFAULT_K,
+    DEFAULT_MAX_GRAD_NORM,
+    DEFAULT_SIGMA_END,
+    DEFAULT_ZOOM_TARGET_WEIGHT,
+)
 
 from .options import parse_magnifications
 
@@ -38,8 +43,8 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
 @click.option("--attn-hidden", type=int, default=256, help="Hidden width of the gated-attention heads.")
 @click.option("--sigma", type=float, default=0.05,
               help="Perturbed top-K noise on [0, 1]-scaled scores at the first epoch.")
-@click.option("--sigma-end", type=float, default=0.005, help="The noise at the last epoch (linear decay).")
-@click.option("--zoom-target-weight", type=click.FloatRange(min=0), default=1.0,
+@click.option("--sigma-end", type=float, default=DEFAULT_SIGMA_END, help="The noise at the last epoch (linear decay).")
+@click.option("--zoom-target-weight", type=click.FloatRange(min=0), default=DEFAULT_ZOOM_TARGET_WEIGHT,
               help="Weight of the zoom heads' target from the dense last magnification; 0 trains "
                    "them through the perturbed top-K alone.")
 @click.option("--max-grad-norm", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MAX_GRAD_NORM,

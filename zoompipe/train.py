@@ -31,7 +31,12 @@ from zoompipe.errors import UsageError, ZoompipeError
 from zoompipe.evaluate import Slide, predict_logits
 from zoompipe.metrics import classification_metrics
 from zoompipe.model import config_fields, create_model, model_class, save_run
-from zoompipe.train_defaults import DEFAULT_K, DEFAULT_MAX_GRAD_NORM
+from zoompipe.train_defaults import (
+    DEFAULT_K,
+    DEFAULT_MAX_GRAD_NORM,
+    DEFAULT_SIGMA_END,
+    DEFAULT_ZOOM_TARGET_WEIGHT,
+)
 
 LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "val_acc", "val_f1", "lr", "sigma")
 
@@ -123,8 +128,8 @@ def train_model(
     hidden: int = 512,
     attn_hidden: int = 256,
     sigma: float = 0.05,
-    sigma_end: float = 0.005,
-    zoom_target_weight: float = 1.0,
+    sigma_end: float = DEFAULT_SIGMA_END,
+    zoom_target_weight: float = DEFAULT_ZOOM_TARGET_WEIGHT,
     max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM,
     epochs: int = 100,
     lr: float = 1e-4,
@@ -260,9 +265,9 @@ def train_model(
     with bar, open(out_dir / "log.csv", "w", newline="", encoding="utf-8") as log_file:
         log = csv.writer(log_file)
         log.writerow(LOG_COLUMNS)
+        select = getattr(model, "select", None)  # a zooming model's perturbed top-K
         for epoch in range(1, epochs + 1):
             bar.set_description(f"epoch {epoch}/{epochs}{val_status}")
-            select = getattr(model, "select", None)  # a zooming model's perturbed top-K
             if select is not None:
                 select.sigma = sigma_schedule(epoch, epochs, sigma, sigma_end)
             train_loss = train_one_epoch(model, train_set, list(sampler), optimizer, device, bar,

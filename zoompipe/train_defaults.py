@@ -7,3 +7,9 @@ DEFAULT_K = 0.25
 
 #: Clipping of the global gradient norm of a training step.
 DEFAULT_MAX_GRAD_NORM = 5.0
+
+#: Perturbed top-K noise at the last epoch (it decays linearly from ``sigma``).
+DEFAULT_SIGMA_END = 0.005
+
+#: Weight of ZoomMIL's zoom target (``ZoomMIL.zoom_target_loss``); 0 is the paper's training.
+DEFAULT_ZOOM_TARGET_WEIGHT = 1.0

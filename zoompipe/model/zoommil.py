@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from zoompipe.model.attention import GatedAttention, masked_softmax
 from zoompipe.model.output import ModelOutput as ZoomOutput
 from zoompipe.model.registry import register_model
+from zoompipe.train_defaults import DEFAULT_ZOOM_TARGET_WEIGHT
 from zoompipe.model.topk import PerturbedTopK, topk_indices
 
 #: ``fetch_children(step, parents) -> (features, rows)``. ``parents`` holds the global rows,
@@ -79,7 +80,7 @@ class ZoomMILConfig:
     dropout: float = 0.25
     n_samples: int = 500
     sigma: float = 0.05
-    zoom_target_weight: float = 1.0
+    zoom_target_weight: float = DEFAULT_ZOOM_TARGET_WEIGHT
 
     def __post_init__(self) -> None:
         self.magnifications = [float(m) for m in self.magnifications]
@@ -241,7 +242,6 @@ class ZoomMIL(nn.Module):
         k = self.config.resolve_k(len(bags[0]))
         mix = parents = None
         pooled = bags[0].new_zeros(self.config.hidden)
-        below_last = pooled
         for step, level in enumerate(self.levels):
             z = level.project(features)
             below_last = pooled
