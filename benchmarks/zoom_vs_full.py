@@ -4,9 +4,10 @@ On one synthetic lesion cohort (``zoompipe.synthetic.write_cohort``), with one e
 rule and one precision for all:
 
 1. write the cohort (subtle grades, slides large enough for 40+ base tissue patches);
-2. ``preprocess`` it twice: the cascade 1.25x, 2.5x, 10x (every child of every base tissue patch,
-   what ZoomMIL trains on) and 10x alone (the tissue-filtered 10x grid, what a single-magnification
-   baseline reads in practice);
+2. ``preprocess`` it once, the cascade 1.25x, 2.5x, 10x with ``children="tissue"``: every child
+   of every base tissue patch at 2.5x, and at 10x the children that pass the tissue rule, which
+   is the tissue-filtered 10x grid a single-magnification baseline reads in practice (less the
+   10x tissue patches whose 1.25x patch has under 10% tissue; the counts of both are reported);
 3. for each fold of ``make_splits`` (stratified; fold f test, f + 1 validation, the rest training),
    train every method over the same hyper-parameter grid, pick per method the run with the best
    validation weighted F1 (ties: lower validation loss), and score only that run on the fold's
@@ -30,6 +31,8 @@ Writes ``OUT/results.json`` and ``OUT/results.md``.
 Usage::
 
     python benchmarks/zoom_vs_full.py --out bench_out     # the benchmark: 60 slides, 5 folds
+    python benchmarks/zoom_vs_full.py --out bench_out40 --n 40 --width 30720 --height 24576 --mpp 1.0 \\
+        --epochs 40      # the same tissue at 10x scan resolution, 40 slides: what this 2-core CPU ran
     python benchmarks/zoom_vs_full.py --out bench_smoke --n 10 --width 16384 --height 12288 \\
         --folds 3 --epochs 2 --lrs 5e-4 --ks 0.25 --hiddens 128       # a smoke run
 """
@@ -64,6 +67,8 @@ from zoompipe.prediction import Prediction
 from zoompipe.predict import read_prediction
 from zoompipe.preprocess import PreprocessConfig, preprocess_slides
 from zoompipe.synthetic import REGIONS_MPP, write_cohort
+from zoompipe.slide import open_slide
+from zoompipe.tiling import tile_slide
 from zoompipe.train import train_model
 
 CASCADE = [1.25, 2.5, 10.0]
@@ -79,14 +84,11 @@ class Method:
     architecture : str
         A registered model.
     magnifications : list of float
-    features : str
-        ``"cascade"`` (the 1.25x/2.5x/10x files) or ``"10x"`` (the tissue-filtered 10x files).
     """
 
     name: str
     architecture: str
     magnifications: tuple[float, ...]
-    features: str
 
     @property
     def zooms(self) -> bool:
@@ -97,16 +99,16 @@ class Method:
         return self.name.split()[0].lower().replace("-", "_") + "_" + "_".join(f"{m:g}" for m in self.magnifications)
 
 
-ZOOMMIL = Method("ZoomMIL 1.25x->2.5x->10x", "zoommil", (1.25, 2.5, 10.0), "cascade")
-ABMIL_10 = Method("ABMIL 10x", "abmil", (10.0,), "10x")
-ABMIL_125 = Method("ABMIL 1.25x", "abmil", (1.25,), "cascade")
+ZOOMMIL = Method("ZoomMIL 1.25x->2.5x->10x", "zoommil", (1.25, 2.5, 10.0))
+ABMIL_10 = Method("ABMIL 10x", "abmil", (10.0,))
+ABMIL_125 = Method("ABMIL 1.25x", "abmil", (1.25,))
 METHODS = [
     ZOOMMIL,
-    Method("ZoomMIL-Eff 1.25x->2.5x", "zoommil", (1.25, 2.5), "cascade"),
+    Method("ZoomMIL-Eff 1.25x->2.5x", "zoommil", (1.25, 2.5)),
     ABMIL_10,
     ABMIL_125,
-    Method("CLAM-SB 10x", "clam_sb", (10.0,), "10x"),
-    Method("TransMIL 10x", "transmil", (10.0,), "10x"),
+    Method("CLAM-SB 10x", "clam_sb", (10.0,)),
+    Method("TransMIL 10x", "transmil", (10.0,)),
 ]
 
 
@@ -240,7 +242,7 @@ def summarise(method: Method, folds: list[dict], counts: dict[str, int], gflops:
                else float(np.mean(list(counts.values()))))
     summary = {
         "magnifications": list(method.magnifications), "architecture": method.architecture,
-        "features": method.features, "folds": folds,
+        "folds": folds,
         "weighted_f1": mean_std([f["weighted_f1"] for f in folds]),
         "accuracy": mean_std([f["accuracy"] for f in folds]),
         "macro_auc": mean_std([f["auc"] for f in folds]),
@@ -286,10 +288,10 @@ def check_targets(results: dict[str, dict]) -> list[tuple[str, bool, str]]:
     ]
 
 
-def prepare(args: argparse.Namespace) -> tuple[list[dict], dict[str, Path], dict[str, float]]:
-    """Write the cohort and preprocess it twice, reusing whatever is already on disk."""
+def prepare(args: argparse.Namespace) -> tuple[list[dict], Path, dict[str, float]]:
+    """Write the cohort and preprocess it, reusing whatever is already on disk."""
     out: Path = args.out
-    params = {"n": args.n, "width": args.width, "height": args.height, "n_classes": args.classes,
+    params = {"n": args.n, "width": args.width, "height": args.height, "mpp": args.mpp, "n_classes": args.classes,
               "grade_strength": args.grade_strength, "seed": args.cohort_seed}
     params_path = out / "cohort" / "params.json"
     # Slides on disk are reused by name, so a cohort made with other settings must not be mixed in.
@@ -298,21 +300,30 @@ def prepare(args: argparse.Namespace) -> tuple[list[dict], dict[str, Path], dict
     timings = {}
     t0 = time.perf_counter()
     rows = write_cohort(out / "cohort", args.n, seed=args.cohort_seed, width=args.width, height=args.height,
-                        n_classes=args.classes, grade_strength=args.grade_strength, jobs=args.jobs)
+                        mpp=args.mpp, n_classes=args.classes, grade_strength=args.grade_strength, jobs=args.jobs)
     params_path.write_text(json.dumps(params))
     timings["write_cohort_s"] = time.perf_counter() - t0
-    features = {}
-    for name, mags in (("cascade", CASCADE), ("10x", [10.0])):
-        t0 = time.perf_counter()
-        config = PreprocessConfig(magnifications=mags, precision=args.precision, workers=args.workers,
-                                  device=args.device)
-        status = preprocess_slides([r["path"] for r in rows], out / f"pre_{name}", config, progress=True)
-        failed = [s for s in status if s.status == "failed"]
-        if failed:
-            raise SystemExit(f"preprocess failed: {failed}")
-        timings[f"preprocess_{name}_s"] = time.perf_counter() - t0
-        features[name] = out / f"pre_{name}" / "features"
-    return rows, features, timings
+    t0 = time.perf_counter()
+    config = PreprocessConfig(magnifications=CASCADE, children="tissue", precision=args.precision,
+                              workers=args.workers, device=args.device)
+    status = preprocess_slides([r["path"] for r in rows], out / "pre", config, progress=True)
+    failed = [s for s in status if s.status == "failed"]
+    if failed:
+        raise SystemExit(f"preprocess failed: {failed}")
+    timings["preprocess_s"] = time.perf_counter() - t0
+    return rows, out / "pre" / "features", timings
+
+
+def tissue_grid_counts(features: Path, rows: list[dict], magnification: float) -> dict[str, int]:
+    """Patches per slide of a single-magnification tissue grid (CLAM's rule), from the same tissue masks."""
+    counts = {}
+    for row in rows:
+        contract = read_feature_file(features / f"{row['slide_id']}.h5", load_features=False).contract
+        alone = contract.model_copy(update={"grid": contract.grid.model_copy(
+            update={"magnifications": (magnification,)})})
+        with open_slide(row["path"]) as slide:
+            counts[row["slide_id"]] = len(tile_slide(slide, alone).base)
+    return counts
 
 
 def write_markdown(path: Path, summary: dict[str, Any]) -> str:
@@ -351,9 +362,11 @@ def write_markdown(path: Path, summary: dict[str, Any]) -> str:
     lines += [f"| {t['target']} | {'met' if t['met'] else 'not met'} | {t['measured']} |"
               for t in summary["targets"]]
     c = summary["cohort"]
-    lines += ["", f"Machine: {summary['machine']}. {c['n']} slides of {c['width']} x {c['height']} px at 0.5 mpp, "
-              f"{c['n_classes']} classes, grade strength {c['grade_strength']:g}, base bag "
-              f"{c['base_patches_mean']:.0f} patches on average (min {c['base_patches_min']}); "
+    lines += ["", f"Machine: {summary['machine']}. {c['n']} slides of {c['width']} x {c['height']} px at "
+              f"{c['mpp']:g} mpp, {c['n_classes']} classes, grade strength {c['grade_strength']:g}, base bag "
+              f"{c['base_patches_mean']:.0f} patches on average (min {c['base_patches_min']}); 10x tissue patches "
+              f"{c['tissue_10x_patches_mean']:.0f} per slide under the 1.25x tissue patches, "
+              f"{c['tissue_grid_10x_alone_mean']:.0f} in a 10x tissue grid of its own; "
               f"{len(summary['folds'])} folds (split seed {summary['split_seed']}); grid lr {summary['grid']['lrs']} "
               f"x K {summary['grid']['ks']} (zooming) or x projection width {summary['grid']['hiddens']} (others); "
               f"up to {summary['epochs']} epochs; training seed {summary['seed']}; encoder {summary['encoder']}."]
@@ -374,6 +387,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=61440,
                         help="level-0 px at 0.5 mpp; 61440 x 49152 (31 x 25 mm) gives 46-81 base tissue patches")
     parser.add_argument("--height", type=int, default=49152)
+    parser.add_argument("--mpp", type=float, default=0.5,
+                        help="level-0 resolution; 1.0 writes the same tissue as a 10x scan, 4x fewer pixels")
     parser.add_argument("--classes", type=int, default=3)
     parser.add_argument("--grade-strength", type=float, default=0.25,
                         help="1 = the generator's grades; lower is subtler (meant to keep ABMIL 10x in 90-100)")
@@ -403,9 +418,9 @@ def main() -> None:
     labels_csv = out / "cohort" / "labels.csv"
     labels = read_labels(labels_csv)
     by_id = {r["slide_id"]: r for r in rows}
-    base_counts = patch_counts(features["cascade"], list(labels), CASCADE[0])
-    counts = {m.name: patch_counts(features[m.features], list(labels), m.magnifications[-1])
-              for m in METHODS if not m.zooms}
+    base_counts = patch_counts(features, list(labels), CASCADE[0])
+    counts = {m.name: patch_counts(features, list(labels), m.magnifications[-1]) for m in METHODS if not m.zooms}
+    alone_10x = tissue_grid_counts(features, rows, 10.0)
 
     fixed = {"epochs": args.epochs, "attn_hidden": args.attn_hidden, "hidden": args.hidden, "seed": args.seed,
              "device": args.device}
@@ -420,13 +435,13 @@ def main() -> None:
         test = [by_id[s] for s in sorted(splits) if splits[s] == "test"]
         for method in METHODS:
             grid = search_grid(method, args.lrs, args.ks, args.hiddens)
-            run, search = train_fold(method, fold_csv, features[method.features], labels_csv,
+            run, search = train_fold(method, fold_csv, features, labels_csv,
                                      out / "runs" / method.slug / f"fold{fold}", grid, fixed)
             chosen = next(s["config"] for s in search if s["run"] == str(run))
             if method.zooms or (method == ABMIL_10 and (fold == 0 or args.predict_all_folds)):
                 entry = score_with_predict(run, test, out / "cohort", predict_options)
             else:
-                metrics = evaluate_run(run, features[method.features], labels_csv, run / "eval", split="test",
+                metrics = evaluate_run(run, features, labels_csv, run / "eval", split="test",
                                        device=args.device)
                 entry = {key: metrics[key] for key in ("accuracy", "weighted_f1", "auc")}
                 entry["scored_from"] = "dense test features"
@@ -451,11 +466,12 @@ def main() -> None:
                + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))
     summary = {
         "machine": machine,
-        "cohort": {"n": args.n, "width": args.width, "height": args.height, "n_classes": args.classes,
+        "cohort": {"n": args.n, "width": args.width, "height": args.height, "mpp": args.mpp, "n_classes": args.classes,
                    "grade_strength": args.grade_strength, "cohort_seed": args.cohort_seed,
                    "base_patches_mean": float(np.mean(list(base_counts.values()))),
                    "base_patches_min": int(min(base_counts.values())),
-                   "tissue_10x_patches_mean": float(np.mean(list(counts[ABMIL_10.name].values())))},
+                   "tissue_10x_patches_mean": float(np.mean(list(counts[ABMIL_10.name].values()))),
+                   "tissue_grid_10x_alone_mean": float(np.mean(list(alone_10x.values())))},
         "folds": list(range(args.folds)), "split_seed": args.split_seed, "seed": args.seed,
         "grid": {"lrs": args.lrs, "ks": args.ks, "hiddens": args.hiddens, "selection": "best validation weighted F1, "
                  "then lower validation loss, per method and fold"},

@@ -17,7 +17,11 @@ from .options import compute_options, mask_dir_option, parse_magnifications, sli
               help="Cascade, base first, integer ratios; '1.25' alone for a single scale.")
 @click.option("--patch-size", type=click.IntRange(min=1), default=256,
               help="Patch side in pixels at every magnification.")
-@click.option("--min-tissue", type=click.FloatRange(0, 1), default=0.1, help="Tissue fraction a base patch needs.")
+@click.option("--min-tissue", type=click.FloatRange(0, 1), default=0.1,
+              help="Tissue fraction a base patch needs (with --children tissue, a last-magnification child too).")
+@click.option("--children", type=click.Choice(["tissue", "all"]), default="tissue",
+              help="At the last magnification, keep only children with --min-tissue (tissue) or every child "
+                   "of a base tissue patch (all).")
 @click.option("--tissue-preset", type=click.Choice(sorted(PRESETS)), default="default",
               help="Tissue segmentation preset.")
 @click.option("--mask-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -30,7 +34,7 @@ from .options import compute_options, mask_dir_option, parse_magnifications, sli
               help="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32.")
 @slide_options
 @click.option("--overwrite", is_flag=True, help="Redo slides whose outputs exist.")
-def preprocess_command(slides, out_dir, magnifications, patch_size, min_tissue, tissue_preset, mask_mpp, mask_dir,
+def preprocess_command(slides, out_dir, magnifications, patch_size, min_tissue, children, tissue_preset, mask_mpp, mask_dir,
                        encoder, weights, device, runtime, precision, batch_size, workers, backend, mpp, mpp_csv, overwrite) -> None:
     """Segment tissue, tile every magnification of the cascade and embed every patch.
 
@@ -44,7 +48,7 @@ def preprocess_command(slides, out_dir, magnifications, patch_size, min_tissue, 
 
     overrides = {"mask_mpp": mask_mpp} if mask_mpp else {}
     config = PreprocessConfig(
-        magnifications=magnifications, patch_size=patch_size, min_tissue=min_tissue,
+        magnifications=magnifications, patch_size=patch_size, min_tissue=min_tissue, children=children,
         tissue=get_params(tissue_preset, **overrides), encoder=encoder, weights=weights, device=device,
         precision=precision, runtime=runtime, batch_size=batch_size, workers=workers, backend=backend, mpp=mpp,
         mpp_csv=mpp_csv, mask_dir=mask_dir)

@@ -94,9 +94,16 @@ def test_only_selected_regions_are_read(preprocessed, tmp_path, monkeypatch):
     monkeypatch.setattr(Slide, "read_region", counting)
     prediction = ZoomPredictor(run).predict(slide)
     base = prediction.magnifications[0].patches_embedded
-    assert reads == {4.0: base, 2.0: K * 4, 1.0: K * 4}
-    assert [m.patches_embedded for m in prediction.magnifications] == [base, K * 4, K * 4]
-    assert prediction.full_read_patches == base * 4 * 4
+    # At 10x (the last magnification) only the selected parents' children with tissue are read,
+    # the very rows the feature file holds under them (children="tissue").
+    last = read_feature_file(features_path, [CASCADE[-1]], load_features=False).grids[0]
+    middle = prediction.magnifications[1]
+    tissue_children = np.flatnonzero(np.isin(last.parent, middle.rows[middle.selected]))
+    assert 0 < len(tissue_children) < K * 4
+    assert reads == {4.0: base, 2.0: K * 4, 1.0: len(tissue_children)}
+    np.testing.assert_array_equal(prediction.magnifications[2].rows, tissue_children)
+    assert [m.patches_embedded for m in prediction.magnifications] == [base, K * 4, len(tissue_children)]
+    assert prediction.full_read_patches == len(last) < base * 4 * 4
     assert base > K  # the test is only meaningful when selection actually drops patches
 
 

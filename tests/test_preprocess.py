@@ -53,7 +53,7 @@ def _status(out):
 
 
 def test_feature_file_matches_grid_and_direct_embedding(slides, tmp_path, encoder):
-    results = preprocess_slides([slides / "s1.svs"], tmp_path, _config(), progress=False)
+    results = preprocess_slides([slides / "s1.svs"], tmp_path, _config(children="all"), progress=False)
     assert [r.status for r in results] == ["ok"]
     saved = read_feature_file(tmp_path / "features" / "s1.h5")
     contract = saved.contract
@@ -88,6 +88,26 @@ def test_feature_file_matches_grid_and_direct_embedding(slides, tmp_path, encode
     tolerance = 1 / scale + 2  # one mask pixel and the line width, in QC pixels
     assert green.sum() > 100 and near(edge, tolerance)[green].all()
     assert near(green, tolerance)[edge].mean() > 0.95
+
+
+def test_children_tissue_keeps_the_last_magnifications_tissue_patches(slides, tmp_path):
+    every = preprocess_slides([slides / "s1.svs"], tmp_path / "all", _config(children="all"), progress=False)
+    tissue = preprocess_slides([slides / "s1.svs"], tmp_path / "tissue", _config(), progress=False)
+    assert [r.status for r in every + tissue] == ["ok", "ok"]
+    full = read_feature_file(tmp_path / "all" / "features" / "s1.h5")
+    kept = read_feature_file(tmp_path / "tissue" / "features" / "s1.h5")
+    assert (full.contract.grid.children, kept.contract.grid.children) == ("all", "tissue")
+    # The base is the same; at the last magnification only the children with min_tissue remain,
+    # with the same features and parents.
+    np.testing.assert_array_equal(kept.grids[0].coords, full.grids[0].coords)
+    rows = np.flatnonzero(full.grids[1].tissue >= 0.1)
+    assert 0 < len(rows) < len(full.grids[1])
+    np.testing.assert_array_equal(kept.grids[1].coords, full.grids[1].coords[rows])
+    np.testing.assert_array_equal(kept.grids[1].parent, full.grids[1].parent[rows])
+    np.testing.assert_allclose(kept.features[1], full.features[1][rows], rtol=0, atol=1e-5)
+    # A dropped child is a hole (-1) in its parent's bag of children.
+    index = children_index(kept.grids[0], kept.grids[1])
+    assert (index >= 0).sum() == len(rows) and (index < 0).any()
 
 
 def test_reader_threads_return_batches_in_order(slides):

@@ -93,6 +93,9 @@ class UserMasks(_Frozen):
     sha256: str | None = None
 
 
+ChildrenPolicy = Literal["all", "tissue"]
+
+
 class TissueSettings(_Frozen):
     """Segmentation parameters, and the user masks that replace segmentation where they exist."""
 
@@ -106,7 +109,9 @@ class GridSettings(_Frozen):
     magnifications: tuple[float, ...] = Field(min_length=1, description="base first, integer ratios")
     patch_size: int = Field(ge=1, description="patch side in pixels at every magnification")
     min_tissue: float = Field(ge=0, le=1, description="tissue fraction a base patch needs")
-    children: Literal["all"] = Field("all", description="every child of a base tissue patch is kept")
+    children: ChildrenPolicy = Field(
+        "all", description="'all': every descendant of a base tissue patch; 'tissue': at the last "
+                           "magnification only those with min_tissue, as a single-magnification pipeline tiles")
 
     @field_validator("magnifications")
     @classmethod

@@ -23,11 +23,11 @@ from .contract import file_sha256
 from .embed import embed_patches
 from .encoders import create_encoder
 from .errors import CheckpointError, UsageError
-from .grid import PatchGrid, child_grid
+from .grid import PatchGrid
 from .model import load_run
 from .prediction import MagnificationReport, Prediction
 from .slide import Slide, open_slide
-from .tiling import check_mask_dir, tile_slide
+from .tiling import cascade_tiles, check_mask_dir, tile_slide
 from .tissue import TissueMask
 
 
@@ -98,21 +98,24 @@ class ZoomPredictor:
     def class_names(self) -> list[str]:
         return list(self.config.class_names)
 
-    def _descend(self, grid: PatchGrid, rows: np.ndarray, global_rows: np.ndarray, target: float,
-                 mask: TissueMask) -> tuple[PatchGrid, np.ndarray]:
-        """Children of ``rows`` of ``grid`` down the grid cascade to magnification ``target``.
+    def _descend(self, layout: list[PatchGrid], level: int, rows: np.ndarray,
+                 target: float) -> tuple[PatchGrid, np.ndarray]:
+        """The descendants of ``rows`` of ``layout[level]`` at magnification ``target``.
 
-        Global rows follow the layout of ``build_cascade``: child ``j`` of the patch at global
-        row ``p`` has global row ``p * r * r + j``.
+        ``layout`` is the slide's cascade as preprocessing lays it out
+        (:func:`~zoompipe.tiling.cascade_tiles`; only tissue fractions, nothing read from the
+        slide), so descendants are rows of the same grids, children policy included, and a row
+        means the same patch in a prediction as in a feature file.
+
+        Returns
+        -------
+        PatchGrid, ndarray
+            The descendants, and their ascending rows in the layout's grid at ``target``.
         """
-        level = self.grid_magnifications.index(grid.magnification)
-        while grid.magnification < target:
+        while layout[level].magnification < target:
             level += 1
-            child = child_grid(grid, self.grid_magnifications[level], mask=mask, rows=rows)
-            per_parent = len(child) // max(len(rows), 1)
-            global_rows = (global_rows[:, None] * per_parent + np.arange(per_parent)).reshape(-1)
-            grid, rows = child, np.arange(len(child))
-        return grid, global_rows
+            rows = np.flatnonzero(np.isin(layout[level].parent, rows))
+        return layout[level].take(rows), rows
 
     def _embed(self, slide: Slide, grid: PatchGrid, desc: str | None) -> torch.Tensor:
         features = embed_patches(slide, grid.coords, grid.mpp, grid.patch_size, self.encoder,
@@ -141,7 +144,7 @@ class ZoomPredictor:
         timings: dict[str, float] = {}
         start = time.perf_counter()
         tiles = tile_slide(slide, self.pipeline, self.mask_dir)
-        mask, base = tiles.mask, tiles.base
+        layout = cascade_tiles(tiles, self.pipeline.grid)
         timings["tissue"] = time.perf_counter() - start
         mags = self.model_magnifications
         grids: list[PatchGrid] = []
@@ -154,15 +157,15 @@ class ZoomPredictor:
             grids.append(grid)
             return features
 
-        # Global rows of each embedded grid, ascending in grid order (see _descend), so a
-        # global row maps to its position in the grid by binary search.
-        first, first_rows = self._descend(base, np.arange(len(base)), np.arange(len(base)), mags[0], mask)
+        # Rows of each embedded grid in the layout, ascending (see _descend), so that a layout
+        # row maps to its position in the embedded grid by binary search.
+        levels = [self.grid_magnifications.index(m) for m in mags]
+        first, first_rows = self._descend(layout, 0, np.arange(len(layout[0])), mags[0])
         global_rows = [first_rows]
         h0 = embed_at(first)
 
         def fetch(step: int, parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            local = np.searchsorted(global_rows[step], parents.numpy())
-            child, child_rows = self._descend(grids[step], local, parents.numpy(), mags[step + 1], mask)
+            child, child_rows = self._descend(layout, levels[step], parents.numpy(), mags[step + 1])
             global_rows.append(child_rows)
             return embed_at(child), torch.from_numpy(child_rows)
 
@@ -170,10 +173,6 @@ class ZoomPredictor:
         with torch.inference_mode():
             out = self.model.infer(h0, fetch) if self.model.needs == "zoom" else self.model([h0], [])
         timings["model"] = time.perf_counter() - t_model - sum(seconds[1:])
-        full = len(base)
-        for low, high in zip(self.grid_magnifications, self.grid_magnifications[1:]):
-            if low < mags[-1]:
-                full *= round(high / low) ** 2
         reports = []
         for step, grid in enumerate(grids):
             rows = out.rows[step].numpy()
@@ -192,6 +191,6 @@ class ZoomPredictor:
             slide_id=slide.slide_id, slide_path=str(slide.path), slide_mpp=slide.mpp,
             slide_dimensions=slide.dimensions, class_names=self.class_names,
             probabilities=out.probabilities.float().cpu().numpy(), magnifications=reports,
-            pipeline=self.pipeline, timings=timings, full_read_patches=full,
+            pipeline=self.pipeline, timings=timings, full_read_patches=len(layout[levels[-1]]),
             encoder=dict(self.encoder_report))
-        return prediction, mask
+        return prediction, tiles.mask

@@ -129,6 +129,11 @@ class PatchGrid:
         step = self.step
         return np.concatenate([_corners(self.cells, step), _corners(self.cells + 1, step)], axis=1)
 
+    def take(self, rows: np.ndarray) -> PatchGrid:
+        """The patches at ``rows`` (indices or a boolean mask), in that order."""
+        return replace(self, cells=self.cells[rows], coords=self.coords[rows], tissue=self.tissue[rows],
+                       parent=self.parent[rows])
+
 
 def _grid(cells: np.ndarray, magnification: float, patch_size: int, step: Fraction,
           mask: TissueMask | None, parent: np.ndarray) -> PatchGrid:
@@ -191,8 +196,7 @@ def base_grid(mask: TissueMask, slide_mpp: float, magnification: float, patch_si
             f"{mask.slide_id or 'slide'}: none of {len(cells)} patches of {patch_size} px at {magnification:g}x "
             f"has a tissue fraction >= {min_tissue:g} (tissue {mask.fraction():.1%} of the slide, "
             f"{mask.source or 'given mask'}); lower min_tissue or use the 'pale' tissue preset")
-    return replace(grid, cells=grid.cells[keep], coords=grid.coords[keep], tissue=grid.tissue[keep],
-                   parent=grid.parent[keep])
+    return grid.take(keep)
 
 
 def child_grid(parent: PatchGrid, magnification: float, slide_mpp: float | None = None,

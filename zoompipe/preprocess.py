@@ -17,21 +17,20 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Sequence, get_args
 
 from tqdm import tqdm
 
-from .contract import EncoderSettings, GridSettings, PipelineContract, SlideSettings, TissueSettings, UserMasks, file_sha256
+from .contract import ChildrenPolicy, EncoderSettings, GridSettings, PipelineContract, SlideSettings, TissueSettings, UserMasks, file_sha256
 from .embed import embed_patches
 from .encoders import DEFAULT_ENCODER, Encoder, create_encoder, lookup
 from .errors import UsageError, ZoompipeError, describe_failure
 from .features import group_name, write_feature_file
-from .grid import child_grid
 from .qc import overview_mpp, qc_image, tissue_geojson, write_geojson, write_png
 from .run_status import SlideStatus, check_unique_ids, read_records, write_record, write_table
 from .slide import load_mpp_overrides, open_slide
 from .tables import read_table
-from .tiling import tile_slide
+from .tiling import cascade_tiles, tile_slide
 from .tissue import TissueParams
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
@@ -50,6 +49,10 @@ class PreprocessConfig:
         Patch side in pixels at every magnification.
     min_tissue : float
         Tissue fraction a base patch needs to be kept.
+    children : str
+        ``"tissue"``: at the last magnification only children with ``min_tissue`` are kept and
+        embedded; ``"all"``: every descendant of a base tissue patch (see
+        :func:`zoompipe.tiling.child_tiles`).
     tissue : TissueParams
     encoder, weights, device, precision, runtime
         See :func:`zoompipe.encoders.create_encoder`.
@@ -69,6 +72,7 @@ class PreprocessConfig:
     magnifications: list[float] = field(default_factory=lambda: [1.25, 2.5, 10.0])
     patch_size: int = 256
     min_tissue: float = 0.1
+    children: str = "tissue"
     tissue: TissueParams = field(default_factory=TissueParams)
     encoder: str = DEFAULT_ENCODER
     weights: str | None = None
@@ -120,7 +124,7 @@ def run_contract(config: PreprocessConfig, encoder: Encoder) -> PipelineContract
     weights = file_sha256(config.weights) if config.weights else encoder.config.weights
     return PipelineContract(
         grid=GridSettings(magnifications=config.magnifications, patch_size=config.patch_size,
-                          min_tissue=config.min_tissue),
+                          min_tissue=config.min_tissue, children=config.children),
         tissue=TissueSettings(segmentation=config.tissue,
                               user_masks=UserMasks(dir=str(config.mask_dir)) if config.mask_dir else None),
         encoder=EncoderSettings(name=encoder.name, feature_dim=encoder.feature_dim, weights=weights,
@@ -137,9 +141,7 @@ def preprocess_slide(path: Path, out_dir: Path, config: PreprocessConfig, encode
     with open_slide(path, backend=config.backend, mpp=mpp) as slide:
         thumbnail = slide.thumbnail(config.tissue.mask_mpp)
         tiles = tile_slide(slide, contract, config.mask_dir, thumbnail=thumbnail)
-        grids = [tiles.base]
-        for magnification in config.magnifications[1:]:
-            grids.append(child_grid(grids[-1], magnification, mask=tiles.mask))
+        grids = cascade_tiles(tiles, contract.grid)
         features = [
             embed_patches(slide, g.coords, g.mpp, g.patch_size, encoder, batch_size=config.batch_size,
                           workers=config.workers, desc=f"{slide.slide_id} {group_name(g.magnification)}"
@@ -180,6 +182,8 @@ def check_config(config: PreprocessConfig) -> None:
         raise UsageError(str(err)) from None
     if config.weights is not None and not Path(config.weights).is_file():
         raise UsageError(f"weights file not found: {config.weights}")
+    if config.children not in get_args(ChildrenPolicy):
+        raise UsageError(f"children must be one of {', '.join(get_args(ChildrenPolicy))}, got {config.children!r}")
     if config.mask_dir is not None and not Path(config.mask_dir).is_dir():
         raise UsageError(f"mask folder not found: {config.mask_dir}")
 

@@ -1,7 +1,8 @@
-"""The one slide path: a slide and a pipeline contract give the tissue mask and the base grid.
+"""The one slide path: a slide and a pipeline contract give the tissue mask and the patch grids.
 
-``preprocess``, ``predict`` and ``heatmap`` all call :func:`tile_slide`, so the patches a model
-sees at prediction are the ones it was trained on, user-drawn masks included.
+``preprocess``, ``predict`` and ``heatmap`` all call :func:`tile_slide` and
+:func:`cascade_tiles`, so the patches a model sees at prediction are the ones it was trained on,
+user-drawn masks and the children policy included.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .contract import PipelineContract
+from .contract import GridSettings, PipelineContract
 from .errors import UsageError
-from .grid import PatchGrid, base_grid
+from .grid import PatchGrid, base_grid, child_grid
 from .slide import Slide
 from .tissue import TissueMask, mask_from_geojson, mask_from_png, tissue_mask
 
@@ -93,3 +94,22 @@ def tile_slide(slide: Slide, contract: PipelineContract, mask_dir: str | Path | 
     grid = contract.grid
     base = base_grid(mask, slide.mpp, grid.magnifications[0], grid.patch_size, grid.min_tissue)
     return SlideTiles(mask, base, mask_file)
+
+
+
+def cascade_tiles(tiles: SlideTiles, grid: GridSettings) -> list[PatchGrid]:
+    """Every grid of the cascade as the contract prescribes: what preprocessing embeds.
+
+    Each patch's ``parent`` is its parent's row in the previous grid. Under
+    ``children="tissue"``, patches at the cascade's last magnification are kept only with a
+    tissue fraction of at least ``min_tissue``, the rule a single-magnification pipeline tiles
+    with: glass is neither embedded nor offered to the last attention head. Lower magnifications
+    keep all r * r children of every patch, so that each zoom head ranks complete bags.
+    """
+    grids = [tiles.base]
+    for magnification in grid.magnifications[1:]:
+        child = child_grid(grids[-1], magnification, mask=tiles.mask)
+        if grid.children == "tissue" and magnification == grid.magnifications[-1]:
+            child = child.take(child.tissue >= grid.min_tissue)
+        grids.append(child)
+    return grids
