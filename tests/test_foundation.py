@@ -300,3 +300,35 @@ def test_unreachable_hub_fails_in_one_line_at_once(monkeypatch):
     message = _one_line("virchow2")
     assert time.perf_counter() - start < 5
     assert f"cannot reach http://127.0.0.1:{port}" in message and "--weights" in message
+
+
+@pytest.mark.parametrize("name", ["ctranspath", "h0_mini"])
+def test_preprocess_train_predict_with_local_weights_and_refuse_others(name, tmp_path):
+    from zoompipe.engine import ZoomPredictor
+    from zoompipe.errors import UsageError
+    from zoompipe.preprocess import PreprocessConfig, preprocess_slides
+    from zoompipe.synthetic import write_synthetic_slide
+    from zoompipe.train import train_model
+
+    torch.manual_seed(0)
+    weights = write_hub_file(name, tmp_path, device="cpu")  # random weights, the hub's names and format
+    slides = []
+    for i, grade in enumerate((0, 2, 0, 2)):
+        slides.append(tmp_path / f"s{i}.svs")
+        write_synthetic_slide(slides[-1], 1280, 1024, mpp=0.5, seed=i, layout=dict(n_lesions=1, grade=grade))
+    config = PreprocessConfig(magnifications=[2.5, 5.0], patch_size=64, encoder=name, weights=str(weights),
+                              precision="fp32", runtime="torch")
+    assert {r.status for r in preprocess_slides(slides, tmp_path / "pre", config, progress=False)} == {"ok"}
+    (tmp_path / "labels.csv").write_text("slide_id,label\ns0,a\ns1,b\ns2,a\ns3,b\n")
+    (tmp_path / "splits.csv").write_text("slide_id,split\ns0,train\ns1,train\ns2,val\ns3,val\n")
+    train_model(tmp_path / "pre" / "features", tmp_path / "labels.csv", tmp_path / "run",
+                splits_csv=tmp_path / "splits.csv", epochs=1, k=1, hidden=16, attn_hidden=8)
+    run_config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert run_config["pipeline"]["encoder"]["weights"] == check_weights(name, weights)[1]
+    prediction = ZoomPredictor(tmp_path / "run", runtime="torch", encoder_weights=str(weights)).predict(slides[0])
+    assert len(prediction.probabilities) == 2
+    other = tmp_path / "other"
+    other.mkdir()
+    torch.manual_seed(1)
+    with pytest.raises(UsageError, match="the features were made with weights sha256:"):
+        ZoomPredictor(tmp_path / "run", runtime="torch", encoder_weights=str(write_hub_file(name, other, "cpu")))
