@@ -100,6 +100,8 @@ def weights_file(name: str, weights: Path | None) -> Path | None:
     ZoompipeError
         The weights cannot be found (see the encoder's locator for the message).
     """
+    if weights is not None and not weights.exists():
+        raise ZoompipeError(f"weights file not found: {weights}")
     locate = _LOCATORS.get(name.partition(":")[0] + (":" if ":" in name else ""))
     if locate is not None:
         return locate(weights)
