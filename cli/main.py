@@ -18,6 +18,7 @@ from zoompipe import __version__
 from zoompipe.environment import apply_speed_settings
 from zoompipe.errors import UsageError, ZoompipeError
 
+from .encoders import encoders_command
 from .evaluate import evaluate_command
 from .info import info_command
 from .predict import heatmap_command, predict_command
@@ -69,8 +70,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
 
 
-for command in (info_command, synth_command, preprocess_command, train_command, evaluate_command,
-                predict_command, heatmap_command):
+for command in (info_command, synth_command, encoders_command, preprocess_command, train_command,
+                evaluate_command, predict_command, heatmap_command):
     cli.add_command(command)
 
 

@@ -23,8 +23,9 @@ from .options import compute_options, mask_dir_option, slide_options
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
               help="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32. The training features' "
                    "precision is reported (--profile, JSON), not imposed.")
-@click.option("--encoder-weights", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Encoder weights file, when the training features were made with one.")
+@click.option("--encoder-weights", type=click.Path(exists=True), default=None,
+              help="Encoder weights file or folder, when not the encoder's own or not in the Hugging Face cache; "
+                   "they must be the weights the training features were made with (checked by SHA-256).")
 @slide_options
 def predict_command(slides, run_dir, out_dir, heatmap, geojson, profile, mask_dir, device, runtime, precision,
                     encoder_weights, batch_size, workers, backend, mpp, mpp_csv) -> None:

@@ -27,8 +27,11 @@ from .options import compute_options, mask_dir_option, parse_magnifications, sli
 @click.option("--mask-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Resolution of the tissue mask [default: preset's].")
 @mask_dir_option
-@click.option("--encoder", default=DEFAULT_ENCODER, help=f"Patch encoder: {', '.join(list_encoders())}, timm:<name>.")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None, help="Encoder weights file (safetensors or torch).")
+@click.option("--encoder", default=DEFAULT_ENCODER,
+              help=f"Patch encoder: {', '.join(list_encoders())} (timm:hf-hub:org/name too; see zoompipe encoders).")
+@click.option("--weights", "--encoder-weights", "weights", type=click.Path(exists=True), default=None,
+              help="Encoder weights: a file (safetensors or torch), or a folder holding the hub's file "
+                   "(a snapshot or a Hugging Face cache) [default: the encoder's own; see zoompipe encoders].")
 @compute_options
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
               help="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32.")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -165,7 +166,14 @@ def first_disagreement(a: PipelineContract, b: PipelineContract) -> str | None:
 
 
 def file_sha256(path: str | Path) -> str:
-    """``sha256:<hex>`` of a file's bytes: the identity of a weights or mask file."""
+    """``sha256:<hex>`` of a file's bytes: the identity of a weights or mask file.
+
+    A file of the Hugging Face cache links to a blob named by its SHA-256 (large, LFS-stored
+    files), which is taken as it is instead of reading gigabytes again.
+    """
+    target = Path(path).resolve()
+    if Path(path).is_symlink() and target.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", target.name):
+        return f"sha256:{target.name}"
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

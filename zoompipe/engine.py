@@ -19,10 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .contract import file_sha256
 from .embed import embed_patches
 from .encoders import create_encoder
-from .errors import CheckpointError, UsageError
+from .errors import CheckpointError
 from .grid import PatchGrid
 from .model import load_run
 from .prediction import MagnificationReport, Prediction
@@ -78,14 +77,10 @@ class ZoomPredictor:
             raise CheckpointError(f"{self.run_dir}: model magnifications {self.model_magnifications} are not "
                                   f"part of the grid cascade {self.grid_magnifications}")
         encoder = self.pipeline.encoder
-        if encoder.weights.startswith("sha256:"):
-            if encoder_weights is None:
-                raise UsageError(f"the features were made with {encoder.name} weights from a file "
-                                 f"({encoder.weights[:19]}...); pass it with --encoder-weights")
-            if file_sha256(encoder_weights) != encoder.weights:
-                raise UsageError(f"{encoder_weights} is not the weights file the features were made with")
+        # Weights known by digest are checked before the encoder is built: other weights are refused.
+        expected = encoder.weights if encoder.weights.startswith("sha256:") else None
         self.encoder = create_encoder(encoder.name, weights=encoder_weights, device=device,
-                                      precision=precision, runtime=runtime)
+                                      precision=precision, runtime=runtime, expect_weights=expected)
         self.encoder_report = {"name": self.encoder.name, "precision": self.encoder.precision,
                                "runtime": self.encoder.runtime, "training_precision": encoder.precision}
         if self.encoder.feature_dim != self.model.config.in_dim:

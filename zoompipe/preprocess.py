@@ -121,7 +121,8 @@ def output_paths(out_dir: Path, slide_id: str) -> dict[str, Path]:
 
 def run_contract(config: PreprocessConfig, encoder: Encoder) -> PipelineContract:
     """The contract every slide of a preprocessing run shares (the per-slide fields empty)."""
-    weights = file_sha256(config.weights) if config.weights else encoder.config.weights
+    # The encoder knows its weights' identity: the digest of a file given or fetched from a hub.
+    weights = encoder.config.weights
     return PipelineContract(
         grid=GridSettings(magnifications=config.magnifications, patch_size=config.patch_size,
                           min_tissue=config.min_tissue, children=config.children),
@@ -180,8 +181,8 @@ def check_config(config: PreprocessConfig) -> None:
         lookup(config.encoder)
     except ZoompipeError as err:
         raise UsageError(str(err)) from None
-    if config.weights is not None and not Path(config.weights).is_file():
-        raise UsageError(f"weights file not found: {config.weights}")
+    if config.weights is not None and not Path(config.weights).exists():
+        raise UsageError(f"weights file or folder not found: {config.weights}")
     if config.children not in get_args(ChildrenPolicy):
         raise UsageError(f"children must be one of {', '.join(get_args(ChildrenPolicy))}, got {config.children!r}")
     if config.mask_dir is not None and not Path(config.mask_dir).is_dir():

@@ -17,12 +17,20 @@ if TYPE_CHECKING:
 _NESTING_KEYS = ("state_dict", "model")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, meta: bool = False) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file or of a torch file loaded with ``weights_only``.
 
     A checkpoint that nests its weights under ``"state_dict"`` or ``"model"`` is unwrapped,
     and a ``"module."`` prefix left by ``DataParallel`` is removed. Nothing is unpickled
     beyond tensors and plain containers.
+
+    Parameters
+    ----------
+    path : str or Path
+    meta : bool
+        Return tensors on the ``meta`` device: names, shapes and dtypes only, read from the
+        file's header (safetensors) or memory-mapped (torch), so checking that gigabytes of
+        weights fit a model costs no memory.
 
     Raises
     ------
@@ -37,10 +45,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ZoompipeError(f"weights file not found: {path}")
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix == ".safetensors" and meta:
+            loaded = _safetensors_header(path)
+        elif path.suffix == ".safetensors":
             loaded = load_file(path, device="cpu")
         else:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            # mmap reads no tensor data in the meta mode; pre-1.6 (non-zip) files cannot be
+            # mapped, so the plain mode does not ask for it.
+            loaded = torch.load(path, map_location="meta" if meta else "cpu", weights_only=True, mmap=meta)
     except pickle.UnpicklingError:
         raise ZoompipeError(
             f"weights file {path} pickles Python objects, which zoompipe never loads; "
@@ -62,6 +74,21 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if all(key.startswith("module.") for key in loaded):
         return {key.removeprefix("module."): value for key, value in loaded.items()}
     return dict(loaded)
+
+
+def _safetensors_header(path: Path) -> dict[str, torch.Tensor]:
+    import torch
+    from safetensors import safe_open
+
+    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+              "U8": torch.uint8, "BOOL": torch.bool}
+    tensors = {}
+    with safe_open(path, framework="pt") as handle:
+        for key in handle.keys():
+            info = handle.get_slice(key)
+            tensors[key] = torch.empty(info.get_shape(), dtype=dtypes[info.get_dtype()], device="meta")
+    return tensors
 
 
 def _optional(key: str) -> bool:
@@ -115,4 +142,6 @@ def load_checked(
             f"weights file {source} does not fit encoder {encoder}: {'; '.join(problems)}"
         )
     # Every required key was checked above; strict=False only lets num_batches_tracked be absent.
-    model.load_state_dict(given, strict=False)
+    # assign: a model built on the meta device takes the tensors themselves (copying is a no-op).
+    on_meta = any(t.is_meta for t in expected.values())
+    model.load_state_dict(given, strict=False, assign=on_meta)

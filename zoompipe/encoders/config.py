@@ -31,6 +31,9 @@ class EncoderConfig:
     interpolation : str
         ``torch.nn.functional.interpolate`` mode of that resize, always antialiased so that
         downscaling averages pixels like PIL does instead of skipping them.
+    resize_to : int, optional
+        Side patches are resized to before a centre crop of ``input_size`` (Prov-GigaPath:
+        resize 256, crop 224); None resizes straight to ``input_size``.
     """
 
     name: str
@@ -40,3 +43,4 @@ class EncoderConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     interpolation: str = "bilinear"
+    resize_to: int | None = None

