@@ -206,9 +206,11 @@ def run_slides(client: Client, task: Callable[..., Any], paths: Sequence[Path], 
                resources: dict | None = None, progress: bool = True, label: str = "zoompipe") -> dict[Path, Any]:
     """Run ``task(path, wait=..., **kwargs(path))`` once per slide on the cluster, gathering as they complete.
 
-    A task that returns None found its slide held by another run: it is sent again, once every
-    other slide has been handed out, with ``wait=True``. A task whose workers all died gets
-    ``on_lost``'s result instead.
+    No more slides are in flight than the cluster has worker threads: a worker that dies then
+    takes only the slide it was working on into the scheduler's count of failures, never one
+    that waited in its queue. A task that returns None found its slide held by another run: it
+    is sent again with ``wait=True`` once every other slide has been handed out. A slide whose
+    workers all died gets ``on_lost``'s result.
 
     Returns
     -------
@@ -221,37 +223,45 @@ def run_slides(client: Client, task: Callable[..., Any], paths: Sequence[Path], 
         What a task raised (a setting every slide would fail with); the others are cancelled.
     """
     run = uuid.uuid4().hex[:8]
-    origin: dict[str, Path] = {}
-
-    def submit(path: Path, wait: bool):
-        future = client.submit(task, path, wait=wait, **kwargs(path), resources=resources, pure=False,
-                               key=f"{label}-{path.stem}-{run}-{int(wait)}")
-        origin[future.key] = path
-        return future
-
-    futures = as_completed([submit(p, False) for p in paths])
-    first_pass, deferred = len(paths), []
+    todo: list[tuple[Path, bool]] = [(p, False) for p in reversed(paths)]
+    later: list[Path] = []
+    origin: dict[str, tuple[Path, bool]] = {}
+    running = as_completed()
     results: dict[Path, Any] = {}
+    if not client.nthreads():
+        client.wait_for_workers(1)
+
+    def top_up() -> None:
+        if not todo:
+            todo.extend((p, True) for p in reversed(later))
+            later.clear()
+        capacity = max(1, sum(client.nthreads().values()))
+        while todo and running.count() < capacity:
+            path, wait = todo.pop()
+            future = client.submit(task, path, wait=wait, **kwargs(path), resources=resources, pure=False,
+                                   key=f"{label}-{path.stem}-{run}-{int(wait)}")
+            origin[future.key] = (path, wait)
+            running.add(future)
+
+    top_up()
     with tqdm(total=len(paths), desc="slides", unit="slide", disable=not progress) as bar:
-        for future in futures:
-            path, waited = origin[future.key], future.key.endswith("-1")
-            first_pass -= not waited
+        for future in running:
+            path, _ = origin[future.key]
             try:
                 result = future.result()
             except KilledWorker as err:
                 result = on_lost(path, err)
             except BaseException:
-                client.cancel(list(futures.futures))
+                client.cancel(list(running.futures))
                 raise
+            future.release()  # its result need not outlive its worker
             if result is None:
-                deferred.append(path)
+                later.append(path)
             else:
                 results[path] = result
                 on_result(path, result)
                 bar.update()
-            if first_pass == 0 and deferred:
-                futures.update([submit(p, True) for p in deferred])
-                deferred = []
+            top_up()
     return results
 
 
