@@ -54,3 +54,10 @@ mask_dir_option = click.option(
     "--mask-dir", type=click.Path(exists=True, file_okay=False), default=None,
     help="Folder of <slide_id>.geojson (QuPath) or <slide_id>.png tissue masks used instead of segmenting; "
          "predict needs the folder the run was preprocessed with.")
+
+#: Where slides are processed (preprocess, predict); parsed by zoompipe.cluster.parse_cluster.
+cluster_option = click.option(
+    "--cluster", default=None, metavar="SPEC",
+    help="Run one task per slide on Dask: local:N (N worker processes, cores split between them; local:NxT for "
+         "T threads each), tcp://HOST:8786 or a scheduler file (a running cluster whose workers see OUT at the "
+         "same path). [default: this process alone]")

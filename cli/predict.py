@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .options import compute_options, mask_dir_option, slide_options
+from .options import cluster_option, compute_options, mask_dir_option, slide_options
 
 
 @click.command("predict")
@@ -27,8 +27,9 @@ from .options import compute_options, mask_dir_option, slide_options
               help="Encoder weights file or folder, when not the encoder's own or not in the Hugging Face cache; "
                    "they must be the weights the training features were made with (checked by SHA-256).")
 @slide_options
+@cluster_option
 def predict_command(slides, run_dir, out_dir, heatmap, geojson, profile, mask_dir, device, runtime, precision,
-                    encoder_weights, batch_size, workers, backend, mpp, mpp_csv) -> None:
+                    encoder_weights, batch_size, workers, backend, mpp, mpp_csv, cluster) -> None:
     """Classify raw SLIDES, reading high magnifications only where the model zooms.
 
     Prints the predicted class and probabilities of every slide and writes OUT/<slide_id>.json
@@ -51,7 +52,7 @@ def predict_command(slides, run_dir, out_dir, heatmap, geojson, profile, mask_di
         click.echo(f"encoder {used['name']}: {used['precision']} on {used['runtime']} "
                    f"(training features: {used['training_precision'] or 'not recorded'})", err=True)
     outcomes = predict_slides(slides, predictor, out_dir, heatmap=heatmap, geojson=geojson, mpp=mpp,
-                              mpp_csv=mpp_csv, backend=backend, progress=profile)
+                              mpp_csv=mpp_csv, backend=backend, progress=profile, cluster=cluster)
     for outcome in outcomes:
         p = outcome.prediction
         if p is None:

@@ -7,7 +7,7 @@ import click
 from zoompipe.encoders import DEFAULT_ENCODER, list_encoders
 from zoompipe.tissue import PRESETS, get_params
 
-from .options import compute_options, mask_dir_option, parse_magnifications, slide_options
+from .options import cluster_option, compute_options, mask_dir_option, parse_magnifications, slide_options
 
 
 @click.command("preprocess")
@@ -37,15 +37,18 @@ from .options import compute_options, mask_dir_option, parse_magnifications, sli
               help="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32.")
 @slide_options
 @click.option("--overwrite", is_flag=True, help="Redo slides whose outputs exist.")
+@cluster_option
 def preprocess_command(slides, out_dir, magnifications, patch_size, min_tissue, children, tissue_preset, mask_mpp, mask_dir,
-                       encoder, weights, device, runtime, precision, batch_size, workers, backend, mpp, mpp_csv, overwrite) -> None:
+                       encoder, weights, device, runtime, precision, batch_size, workers, backend, mpp, mpp_csv, overwrite,
+                       cluster) -> None:
     """Segment tissue, tile every magnification of the cascade and embed every patch.
 
     SLIDES are slide files, folders (searched recursively) or CSVs with a slide_path column.
     Writes OUT/features/<slide_id>.h5 (with the pipeline contract), OUT/masks/<slide_id>.png,
     OUT/geojson/<slide_id>.geojson, OUT/status/<slide_id>.json and OUT/status.csv. Finished slides
     are skipped; a failing slide is recorded and the run goes on; the exit status is 1 when any
-    slide failed, 2 for bad options or inputs (then nothing is written).
+    slide failed, 2 for bad options or inputs (then nothing is written). Runs sharing OUT never
+    process a slide twice (per-slide locks in OUT/locks).
     """
     from zoompipe.preprocess import PreprocessConfig, preprocess_slides
 
@@ -55,7 +58,7 @@ def preprocess_command(slides, out_dir, magnifications, patch_size, min_tissue, 
         tissue=get_params(tissue_preset, **overrides), encoder=encoder, weights=weights, device=device,
         precision=precision, runtime=runtime, batch_size=batch_size, workers=workers, backend=backend, mpp=mpp,
         mpp_csv=mpp_csv, mask_dir=mask_dir)
-    results = preprocess_slides(slides, out_dir, config, overwrite=overwrite)
+    results = preprocess_slides(slides, out_dir, config, overwrite=overwrite, cluster=cluster)
     for row in results:
         detail = row.error if row.status == "failed" else row.detail
         click.echo(f"{row.status:8s} {row.slide_id}  {detail}", err=row.status == "failed")

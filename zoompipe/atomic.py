@@ -7,6 +7,7 @@ that a file which exists is complete.
 
 from __future__ import annotations
 
+import glob
 import os
 import uuid
 from contextlib import contextmanager
@@ -29,6 +30,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_leftovers(path: str | Path) -> list[Path]:
+    """Remove the temporary files that writers of ``path`` killed mid-write left behind.
+
+    Only call it while no one else writes ``path`` (under the slide's lock): a live writer's
+    temporary file has the same form.
+    """
+    path = Path(path)
+    found = list(path.parent.glob(f".{glob.escape(path.stem)}.{'[0-9a-f]' * 12}.tmp{glob.escape(path.suffix)}"))
+    for leftover in found:
+        leftover.unlink(missing_ok=True)
+    return found
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

@@ -14,6 +14,7 @@ and runtime are this machine's choice, not the run's.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,23 @@ from .prediction import MagnificationReport, Prediction
 from .slide import Slide, open_slide
 from .tiling import cascade_tiles, check_mask_dir, tile_slide
 from .tissue import TissueMask
+
+
+@dataclass(frozen=True)
+class PredictorSettings:
+    """What a :class:`ZoomPredictor` is built from: a worker of a cluster builds its own from it."""
+
+    run_dir: Path
+    device: str = "cpu"
+    precision: str = "auto"
+    runtime: str = "auto"
+    encoder_weights: str | None = None
+    batch_size: int = 32
+    workers: int = 2
+    mask_dir: str | Path | None = None
+
+    def build(self) -> ZoomPredictor:
+        return ZoomPredictor(**{f.name: getattr(self, f.name) for f in fields(self)})
 
 
 class ZoomPredictor:
@@ -63,6 +81,8 @@ class ZoomPredictor:
     def __init__(self, run_dir: str | Path, device: str = "cpu", precision: str = "auto", runtime: str = "auto",
                  encoder_weights: str | None = None, batch_size: int = 32, workers: int = 2,
                  mask_dir: str | Path | None = None) -> None:
+        self.settings = PredictorSettings(Path(run_dir), device, precision, runtime, encoder_weights, batch_size,
+                                          workers, mask_dir)
         self.run_dir = Path(run_dir)
         self.model, self.config = load_run(self.run_dir, device=device)
         if self.config.pipeline is None:

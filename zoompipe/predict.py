@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from .atomic import atomic_path, write_text
-from .errors import CheckpointError, ZoompipeError, describe_failure, one_line
+from .errors import CheckpointError, UsageError, ZoompipeError, describe_failure, one_line
 from .heatmap import MAX_SIDE, write_heatmaps
 from .prediction import Prediction
 from .qc import write_geojson
@@ -27,6 +27,9 @@ from .slide import load_mpp_overrides, open_slide
 from .tiling import tile_slide
 
 if TYPE_CHECKING:  # the engine loads torch; saved predictions and heatmaps do without it
+    from distributed import Client
+
+    from .cluster import ClusterSpec
     from .engine import ZoomPredictor
 
 DEMO_MODEL = "demo_model"
@@ -88,36 +91,67 @@ class PredictOutcome:
     error: str = ""
 
 
+def predict_one(path: Path, predictor: ZoomPredictor, out: Path | None, heatmap: bool = False,
+                geojson: bool = False, mpp: float | None = None, backend: str = "auto",
+                progress: bool = False) -> PredictOutcome:
+    """One slide of a batch: its prediction and outputs, or the one-line reason it failed.
+
+    With ``out``, the slide's files and its status record are written there.
+    """
+    start = time.perf_counter()
+    try:
+        outcome = PredictOutcome(path, _predict_one(path, predictor, out, heatmap, geojson, mpp, backend, progress))
+    except Exception as err:  # one bad slide must not stop a batch
+        outcome = PredictOutcome(path, error=describe_failure(err, path))
+    if out is not None:
+        p = outcome.prediction
+        write_record(out, SlideStatus(path.stem, str(path), "ok" if p else "failed", p.predicted if p else "",
+                                      time.perf_counter() - start, outcome.error))
+    return outcome
+
+
 def predict_slides(paths: Sequence[str | Path], predictor: ZoomPredictor, out_dir: str | Path | None = None,
                    heatmap: bool = False, geojson: bool = False, mpp: float | None = None,
-                   mpp_csv: str | None = None, backend: str = "auto", progress: bool = False) -> list[PredictOutcome]:
+                   mpp_csv: str | None = None, backend: str = "auto", progress: bool = False,
+                   cluster: str | ClusterSpec | Client | None = None) -> list[PredictOutcome]:
     """Predict every slide, writing its outputs to ``out_dir`` when given; go on past failures.
+
+    Parameters
+    ----------
+    cluster : str, ClusterSpec or dask.distributed.Client, optional
+        Run one task per slide on a Dask cluster (:func:`zoompipe.cluster.parse_cluster`). Each
+        worker process builds its own predictor from ``predictor.settings`` once and keeps it,
+        and writes the slide's outputs to ``out_dir`` (required then), which it must see at the
+        same path.
 
     Raises
     ------
     UsageError
-        Two slides with the same id, or an unreadable mpp table (before any slide is read).
+        Two slides with the same id, an unreadable mpp table (before any slide is read), or a
+        cluster run without ``out_dir``.
     """
     paths = [Path(p) for p in paths]
     check_unique_ids(paths)
     overrides = load_mpp_overrides(mpp_csv) if mpp_csv else {}
     out = Path(out_dir) if out_dir is not None else None
+    if cluster is not None:
+        if out is None:
+            raise UsageError("a cluster run writes its outputs to a shared folder: give out_dir (--out)")
+        from .cluster import parse_cluster, predict_on_cluster
+
+        cluster = parse_cluster(cluster) if isinstance(cluster, str) else cluster
+
+        return predict_on_cluster(paths, predictor.settings, out, heatmap=heatmap, geojson=geojson, mpp=mpp,
+                                  overrides=overrides, backend=backend, class_names=predictor.class_names,
+                                  cluster=cluster, progress=progress)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     outcomes: list[PredictOutcome] = []
     try:
         for path in paths:
-            start = time.perf_counter()
-            try:
-                outcome = PredictOutcome(path, _predict_one(path, predictor, out, heatmap, geojson,
-                                                            overrides.get(path.stem, mpp), backend, progress))
-            except Exception as err:  # one bad slide must not stop a batch
-                outcome = PredictOutcome(path, error=describe_failure(err, path))
-            outcomes.append(outcome)
+            outcomes.append(predict_one(path, predictor, out, heatmap, geojson, overrides.get(path.stem, mpp),
+                                        backend, progress))
             if out is not None:
-                p = outcome.prediction
-                write_record(out, SlideStatus(path.stem, str(path), "ok" if p else "failed",
-                                              p.predicted if p else "", time.perf_counter() - start, outcome.error))
                 write_predictions_csv(out / "predictions.csv", outcomes, predictor.class_names)
     finally:
         if out is not None:

@@ -17,21 +17,28 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence, get_args
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence, get_args
 
 from tqdm import tqdm
 
+from .atomic import remove_leftovers
 from .contract import ChildrenPolicy, EncoderSettings, GridSettings, PipelineContract, SlideSettings, TissueSettings, UserMasks, file_sha256
 from .embed import embed_patches
 from .encoders import DEFAULT_ENCODER, Encoder, create_encoder, lookup
 from .errors import UsageError, ZoompipeError, describe_failure
 from .features import group_name, write_feature_file
 from .qc import overview_mpp, qc_image, tissue_geojson, write_geojson, write_png
+from .locks import slide_lock
 from .run_status import SlideStatus, check_unique_ids, read_records, write_record, write_table
 from .slide import load_mpp_overrides, open_slide
 from .tables import read_table
 from .tiling import cascade_tiles, tile_slide
 from .tissue import TissueParams
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+    from .cluster import ClusterSpec
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
                     ".qptiff", ".dcm")
@@ -189,9 +196,71 @@ def check_config(config: PreprocessConfig) -> None:
         raise UsageError(f"mask folder not found: {config.mask_dir}")
 
 
+EncoderSource = Callable[[], "tuple[Encoder, PipelineContract]"]
+
+
+def preprocess_one(path: Path, out_dir: Path, config: PreprocessConfig, encoder_source: EncoderSource,
+                   mpp: float | None = None, overwrite: bool = False, wait: bool = True,
+                   progress: bool = False) -> SlideStatus | None:
+    """One slide of a batch, under its lock: skip it, preprocess it, or record why it failed.
+
+    The status record is written before the lock is let go, so a run waiting for the slide finds
+    it complete. Leftovers of a writer that died on this slide are removed first.
+
+    Parameters
+    ----------
+    encoder_source : callable
+        Returns the encoder and the run's contract (:func:`run_contract`); called only when the
+        slide needs embedding, so a batch of finished slides never builds an encoder.
+    wait : bool
+        Wait for another process that holds the slide; otherwise return None at once.
+
+    Returns
+    -------
+    SlideStatus or None
+        None when another process holds the slide and ``wait`` is False.
+
+    Raises
+    ------
+    ZoompipeError
+        The encoder cannot be built: every slide would fail the same way.
+    """
+    slide_id = path.stem
+    with slide_lock(out_dir, slide_id, wait) as held:
+        if not held:
+            return None
+        paths = output_paths(out_dir, slide_id)
+        if not overwrite and all(p.exists() for p in paths.values()):
+            done = read_records(out_dir, [slide_id]).get(slide_id)
+            row = SlideStatus(slide_id, str(path), "skipped", detail=done.detail if done else "")
+        else:
+            for p in paths.values():
+                remove_leftovers(p)
+            start = time.perf_counter()
+            encoder, contract = encoder_source()
+            try:
+                patches = preprocess_slide(path, out_dir, config, encoder, contract, mpp=mpp, progress=progress)
+                row = SlideStatus(slide_id, str(path), "ok", patches, time.perf_counter() - start)
+            except Exception as err:  # one bad slide must not stop a batch
+                row = SlideStatus(slide_id, str(path), "failed", seconds=time.perf_counter() - start,
+                                  error=describe_failure(err, path))
+        write_record(out_dir, row)
+    return row
+
+
 def preprocess_slides(inputs: Sequence[str | Path], out_dir: str | Path, config: PreprocessConfig,
-                      overwrite: bool = False, progress: bool = True) -> list[SlideStatus]:
+                      overwrite: bool = False, progress: bool = True,
+                      cluster: str | ClusterSpec | Client | None = None) -> list[SlideStatus]:
     """Preprocess many slides, skipping finished ones and going on past failures.
+
+    Slides that another run sharing ``out_dir`` is working on (see :mod:`zoompipe.locks`) are
+    left for the end, then waited for: each slide is processed once, by one of the runs.
+
+    Parameters
+    ----------
+    cluster : str, ClusterSpec or dask.distributed.Client, optional
+        Run one task per slide on a Dask cluster (:func:`zoompipe.cluster.parse_cluster`); the
+        workers write the outputs to ``out_dir``, which they must see at the same path.
 
     Returns
     -------
@@ -207,35 +276,35 @@ def preprocess_slides(inputs: Sequence[str | Path], out_dir: str | Path, config:
     slides = find_slides(inputs)
     overrides = load_mpp_overrides(config.mpp_csv) if config.mpp_csv else {}
     out_dir = Path(out_dir)
+    if cluster is not None:
+        from .cluster import parse_cluster, preprocess_on_cluster
+
+        cluster = parse_cluster(cluster) if isinstance(cluster, str) else cluster
+
+        return preprocess_on_cluster(slides, out_dir, config, overrides, cluster, overwrite=overwrite,
+                                     progress=progress)
     out_dir.mkdir(parents=True, exist_ok=True)
-    earlier = read_records(out_dir)
-    encoder: Encoder | None = None
-    contract: PipelineContract | None = None
-    results: list[SlideStatus] = []
+    built: list[tuple[Encoder, PipelineContract]] = []
+
+    def encoder_source() -> tuple[Encoder, PipelineContract]:
+        if not built:
+            encoder = create_encoder(config.encoder, config.weights, config.device, config.precision,
+                                     config.runtime)
+            built.append((encoder, run_contract(config, encoder)))
+        return built[0]
+
+    results: dict[Path, SlideStatus] = {}
     try:
-        for path in tqdm(slides, desc="slides", unit="slide", disable=not progress):
-            slide_id = path.stem
-            paths = output_paths(out_dir, slide_id)
-            if not overwrite and all(p.exists() for p in paths.values()):
-                done = earlier.get(slide_id)
-                row = SlideStatus(slide_id, str(path), "skipped", detail=done.detail if done else "")
-            else:
-                start = time.perf_counter()
-                try:
-                    if encoder is None:
-                        encoder = create_encoder(config.encoder, config.weights, config.device, config.precision,
-                                                 config.runtime)
-                        contract = run_contract(config, encoder)
-                    patches = preprocess_slide(path, out_dir, config, encoder, contract,
-                                               mpp=overrides.get(slide_id, config.mpp), progress=progress)
-                    row = SlideStatus(slide_id, str(path), "ok", patches, time.perf_counter() - start)
-                except Exception as err:  # one bad slide must not stop a batch
-                    if contract is None:
-                        raise  # the encoder cannot be built: every slide would fail the same way
-                    row = SlideStatus(slide_id, str(path), "failed", seconds=time.perf_counter() - start,
-                                      error=describe_failure(err, path))
-            write_record(out_dir, row)
-            results.append(row)
+        bar = tqdm(total=len(slides), desc="slides", unit="slide", disable=not progress)
+        # First pass: every slide no one else holds; second pass: wait for the others.
+        for wait in (False, True):
+            for path in [p for p in slides if p not in results]:
+                row = preprocess_one(path, out_dir, config, encoder_source, overrides.get(path.stem, config.mpp),
+                                     overwrite=overwrite, wait=wait, progress=progress)
+                if row is not None:
+                    results[path] = row
+                    bar.update()
+        bar.close()
     finally:
         write_table(out_dir)
-    return results
+    return [results[p] for p in slides]

@@ -15,8 +15,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterable
 
+from filelock import FileLock
+
 from .atomic import atomic_path, write_text
 from .errors import UsageError
+from .locks import LOCK_DIR
 
 STATUS_DIR = "status"
 STATUS_TABLE = "status.csv"
@@ -57,11 +60,13 @@ def write_record(out_dir: Path, status: SlideStatus) -> None:
     write_text(folder / f"{status.slide_id}.json", json.dumps(asdict(status)) + "\n")
 
 
-def read_records(out_dir: Path) -> dict[str, SlideStatus]:
-    """Every readable record of a run folder, by slide id."""
+def read_records(out_dir: Path, slide_ids: Iterable[str] | None = None) -> dict[str, SlideStatus]:
+    """Every readable record of a run folder (or those of ``slide_ids``), by slide id."""
     records = {}
     names = {f.name for f in fields(SlideStatus)}
-    for path in sorted((out_dir / STATUS_DIR).glob("*.json")):
+    folder = out_dir / STATUS_DIR
+    paths = sorted(folder.glob("*.json")) if slide_ids is None else [folder / f"{i}.json" for i in slide_ids]
+    for path in (p for p in paths if p.exists()):
         try:
             data = json.loads(path.read_text())
             records[data["slide_id"]] = SlideStatus(**{k: v for k, v in data.items() if k in names})
@@ -71,9 +76,15 @@ def read_records(out_dir: Path) -> dict[str, SlideStatus]:
 
 
 def write_table(out_dir: Path) -> Path:
-    """Rebuild ``status.csv`` from the records, atomically."""
+    """Rebuild ``status.csv`` from the records, atomically.
+
+    Runs sharing a folder rebuild it one at a time: a rebuild that read the records before
+    another run's last record landed could otherwise replace the table that has it.
+    """
     path = out_dir / STATUS_TABLE
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
+    (out_dir / LOCK_DIR).mkdir(parents=True, exist_ok=True)
+    with FileLock(out_dir / LOCK_DIR / f"{STATUS_TABLE}.lock"), atomic_path(path) as tmp, \
+            tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=[f.name for f in fields(SlideStatus)])
         writer.writeheader()
         for record in read_records(out_dir).values():
