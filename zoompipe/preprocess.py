@@ -28,7 +28,7 @@ from .errors import UsageError, ZoompipeError, describe_failure
 from .features import group_name, write_feature_file
 from .qc import overview_mpp, qc_image, tissue_geojson, write_geojson, write_png
 from .run_status import SlideStatus, check_unique_ids, read_records, write_record, write_table
-from .slide import load_mpp_overrides, open_slide
+from .slide import SlideSource, is_url, load_mpp_overrides, open_slide, slide_source
 from .tables import read_table
 from .tiling import cascade_tiles, tile_slide
 from .tissue import TissueParams
@@ -87,8 +87,11 @@ class PreprocessConfig:
     mask_dir: str | None = None
 
 
-def find_slides(inputs: Iterable[str | Path]) -> list[Path]:
-    """Slides named by files, folders (searched recursively by extension) or CSVs with ``slide_path``.
+def find_slides(inputs: Iterable[str | Path]) -> list[SlideSource]:
+    """Slides named by files, URLs, folders (searched recursively by extension) or CSVs with ``slide_path``.
+
+    A URL (and a ``slide_path`` that is one) is taken as it is: whether it exists is learnt when
+    the slide is read.
 
     Raises
     ------
@@ -96,14 +99,19 @@ def find_slides(inputs: Iterable[str | Path]) -> list[Path]:
         An input that does not exist, a CSV without a ``slide_path`` column, or two slides with
         the same id (file stem).
     """
-    slides: list[Path] = []
-    for item in map(Path, inputs):
+    slides: list[SlideSource] = []
+    for given in inputs:
+        if is_url(given):
+            slides.append(slide_source(given))
+            continue
+        item = Path(given)
         if item.is_dir():
-            slides += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_EXTENSIONS)
+            slides += [slide_source(p) for p in sorted(item.rglob("*"))
+                       if p.is_file() and p.suffix.lower() in SLIDE_EXTENSIONS]
         elif item.suffix.lower() == ".csv":
-            slides += [Path(row["slide_path"]) for row in read_table(item, ("slide_path",))]
+            slides += [slide_source(row["slide_path"]) for row in read_table(item, ("slide_path",))]
         elif item.exists():
-            slides.append(item)
+            slides.append(slide_source(item))
         else:
             raise UsageError(f"{item}: no such file or folder")
     check_unique_ids(slides)
@@ -131,7 +139,7 @@ def run_contract(config: PreprocessConfig, encoder: Encoder) -> PipelineContract
                                 precision=encoder.precision))
 
 
-def preprocess_slide(path: Path, out_dir: Path, config: PreprocessConfig, encoder: Encoder,
+def preprocess_slide(path: str | Path | SlideSource, out_dir: Path, config: PreprocessConfig, encoder: Encoder,
                      contract: PipelineContract, mpp: float | None = None, progress: bool = False) -> str:
     """Segment, tile and embed one slide; write its three files. Returns the patch counts.
 
@@ -157,7 +165,7 @@ def preprocess_slide(path: Path, out_dir: Path, config: PreprocessConfig, encode
         contract = contract.model_copy(update={
             "slide": SlideSettings(mpp=slide.mpp, mpp_source=slide.mpp_source),
             "tissue": contract.tissue.model_copy(update={"user_masks": masks})})
-        attrs = {"slide_id": slide.slide_id, "slide_path": str(path), "slide_width": slide.dimensions[0],
+        attrs = {"slide_id": slide.slide_id, "slide_path": slide.name, "slide_width": slide.dimensions[0],
                  "slide_height": slide.dimensions[1]}
     paths = output_paths(out_dir, slide.slide_id)
     for p in paths.values():
@@ -212,12 +220,12 @@ def preprocess_slides(inputs: Sequence[str | Path], out_dir: str | Path, config:
     contract: PipelineContract | None = None
     results: list[SlideStatus] = []
     try:
-        for path in tqdm(slides, desc="slides", unit="slide", disable=not progress):
-            slide_id = path.stem
+        for source in tqdm(slides, desc="slides", unit="slide", disable=not progress):
+            slide_id = source.slide_id
             paths = output_paths(out_dir, slide_id)
             if not overwrite and all(p.exists() for p in paths.values()):
                 done = earlier.get(slide_id)
-                row = SlideStatus(slide_id, str(path), "skipped", detail=done.detail if done else "")
+                row = SlideStatus(slide_id, source.name, "skipped", detail=done.detail if done else "")
             else:
                 start = time.perf_counter()
                 try:
@@ -225,14 +233,14 @@ def preprocess_slides(inputs: Sequence[str | Path], out_dir: str | Path, config:
                         encoder = create_encoder(config.encoder, config.weights, config.device, config.precision,
                                                  config.runtime)
                         contract = run_contract(config, encoder)
-                    patches = preprocess_slide(path, out_dir, config, encoder, contract,
+                    patches = preprocess_slide(source, out_dir, config, encoder, contract,
                                                mpp=overrides.get(slide_id, config.mpp), progress=progress)
-                    row = SlideStatus(slide_id, str(path), "ok", patches, time.perf_counter() - start)
+                    row = SlideStatus(slide_id, source.name, "ok", patches, time.perf_counter() - start)
                 except Exception as err:  # one bad slide must not stop a batch
                     if contract is None:
                         raise  # the encoder cannot be built: every slide would fail the same way
-                    row = SlideStatus(slide_id, str(path), "failed", seconds=time.perf_counter() - start,
-                                      error=describe_failure(err, path))
+                    row = SlideStatus(slide_id, source.name, "failed", seconds=time.perf_counter() - start,
+                                      error=source.scrub(describe_failure(err, source)))
             write_record(out_dir, row)
             results.append(row)
     finally:

@@ -107,6 +107,10 @@ class TransferStats:
         return {"bytes_fetched": self.bytes_fetched, "requests": self.requests, "retries": self.retries,
                 "file_size": self.file_size, "share": round(self.share, 6)}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TransferStats":
+        return cls(int(data["bytes_fetched"]), int(data["requests"]), int(data["retries"]), int(data["file_size"]))
+
     def describe(self) -> str:
         return (f"fetched {self.bytes_fetched / 2**20:.2f} MiB of {self.file_size / 2**20:.2f} MiB "
                 f"({100 * self.share:.2f}%) in {self.requests} requests ({self.retries} retries)")
