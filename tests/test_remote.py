@@ -14,7 +14,7 @@ from http_server import SlideServer
 from zoompipe.cli.main import cli
 from zoompipe.engine import ZoomPredictor
 from zoompipe.model import create_model, load_run, save_run
-from zoompipe.predict import demo_run_dir, predict_slides, read_prediction
+from zoompipe.predict import demo_run_dir, predict_slides, read_prediction, redraw_heatmaps
 from zoompipe.slide import open_slide, slide_source
 from zoompipe.slide.remote import RemoteFile, RemoteSettings
 from zoompipe.synthetic import write_synthetic_slide
@@ -96,8 +96,10 @@ def test_predict_url_equals_local_and_the_server_log_counts_the_bytes(served, ru
     assert saved["bytes_fetched"] == sum(r["body_bytes"] for r in log) < saved["file_size"]
     assert saved["file_size"] == (root / "lesion.svs").stat().st_size and saved["retries"] == 0
     assert json.loads((tmp_path / "local" / "lesion.json").read_text())["transfer"] is None
-    # Reader threads share one header parse: the TIFF header is fetched once, never per thread.
-    assert sum(r["body_bytes"] for r in log) < 0.9 * saved["file_size"]
+    # The reader threads share the slide's one connection: its size was asked for once (HEAD), not per thread.
+    assert [r["method"] for r in log].count("HEAD") == 1
+    heatmaps = redraw_heatmaps(tmp_path / "remote" / "lesion.json", server.url("lesion.svs"), tmp_path / "heat")
+    assert heatmaps and all(p.stat().st_size > 0 for p in heatmaps)
     written = "".join(p.read_text() for p in (tmp_path / "remote").rglob("*") if p.suffix in (".json", ".csv"))
     assert TOKEN not in written and "lesion.svs" in written
 
@@ -123,6 +125,8 @@ def test_network_faults_give_one_line_each_and_the_batch_goes_on(served, run_dir
         "notes": (server.url("notes.svs"), "not a whole-slide image"),
         "denied": (server.url("lesion.svs").replace(TOKEN, "wrong-token-123"), "HTTP 403"),
     }
+    opened = CliRunner().invoke(cli, ["info", server.url("lesion.svs")])
+    assert opened.exit_code == 0 and "MiB fetched in" in opened.output and TOKEN not in opened.output
     for url, expected in bad.values():
         result = CliRunner().invoke(cli, ["info", url])
         assert result.exit_code == 1 and result.output.count("\n") == 1, result.output

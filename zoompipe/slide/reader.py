@@ -103,6 +103,7 @@ class Slide:
             "mpp_source": self.mpp_source,
             "magnification": round(self.magnification, 3),
             "objective_power": self.objective_power,
+            "transfer": stats.to_dict() if (stats := self.transfer_stats()) is not None else None,
         }
 
     # -- reading ------------------------------------------------------------------------------
