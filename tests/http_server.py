@@ -11,7 +11,8 @@ Fault routes, for the network-fault tests:
 - ``/files/NAME``: the file (``?token=...`` required when the server has a token: 403 otherwise);
 - ``/slow/NAME``: answers nothing for ``stall`` seconds (a timeout);
 - ``/drop/NAME``: headers and half the body of every range, then the connection is closed;
-- ``/flaky/NAME``: as ``/drop`` for the first request of each range, then as ``/files``.
+- ``/flaky/NAME``: as ``/drop`` for the first request of each range, then as ``/files``;
+- ``/norange/NAME``: the whole file whatever the Range header says.
 """
 
 from __future__ import annotations
@@ -79,13 +80,16 @@ class SlideServer:
             return await self._drop(request)
         return web.FileResponse(self._file(request))
 
+    async def _norange(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(body=self._file(request).read_bytes())
+
     # -- life cycle ---------------------------------------------------------------------------
 
     def _serve(self) -> None:
         asyncio.set_event_loop(self._loop)
         app = web.Application()
         for prefix, handler in (("files", self._files), ("slow", self._slow), ("drop", self._drop),
-                                ("flaky", self._flaky)):
+                                ("flaky", self._flaky), ("norange", self._norange)):
             app.router.add_get(f"/{prefix}/{{name}}", handler)  # HEAD too
         logger = logging.getLogger(f"slide-server-{id(self)}")
         logger.propagate = False

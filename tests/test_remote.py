@@ -13,8 +13,10 @@ from click.testing import CliRunner
 from http_server import SlideServer
 from zoompipe.cli.main import cli
 from zoompipe.engine import ZoomPredictor
+from zoompipe.features import read_feature_file
 from zoompipe.model import create_model, load_run, save_run
 from zoompipe.predict import demo_run_dir, predict_slides, read_prediction, redraw_heatmaps
+from zoompipe.preprocess import PreprocessConfig, preprocess_slides
 from zoompipe.slide import open_slide, slide_source
 from zoompipe.slide.remote import RemoteFile, RemoteSettings
 from zoompipe.synthetic import write_synthetic_slide
@@ -104,6 +106,19 @@ def test_predict_url_equals_local_and_the_server_log_counts_the_bytes(served, ru
     assert TOKEN not in written and "lesion.svs" in written
 
 
+def test_preprocess_takes_urls_from_a_csv_list(served, tmp_path):
+    root, server = served
+    listing = tmp_path / "slides.csv"
+    listing.write_text(f"slide_path\n{server.url('lesion.svs')}\n{server.url('missing.svs')}\n")
+    config = PreprocessConfig(magnifications=[2.5], patch_size=64, runtime="torch", precision="fp32")
+    rows = preprocess_slides([listing], tmp_path / "pre", config, progress=False)
+    assert [(r.slide_id, r.status) for r in rows] == [("lesion", "ok"), ("missing", "failed")]
+    assert rows[1].error == f"{server.url('missing.svs').split('?')[0]}: not found (HTTP 404)"
+    saved = read_feature_file(tmp_path / "pre" / "features" / "lesion.h5")
+    assert saved.attrs["slide_path"] == server.url("lesion.svs").split("?")[0]
+    assert TOKEN not in (tmp_path / "pre" / "status.csv").read_text()
+
+
 def test_transient_faults_are_retried(served):
     root, server = served
     with open_slide(server.url("lesion.svs", "flaky"), remote=RemoteSettings(retries=2, backoff=0.01)) as slide, \
@@ -124,6 +139,7 @@ def test_network_faults_give_one_line_each_and_the_batch_goes_on(served, run_dir
         "dropped": (server.url("cut.svs", "drop"), "connection dropped mid-read (2 attempts)"),
         "notes": (server.url("notes.svs"), "not a whole-slide image"),
         "denied": (server.url("lesion.svs").replace(TOKEN, "wrong-token-123"), "HTTP 403"),
+        "whole": (server.url("lesion.svs", "norange"), "the server ignores HTTP Range requests"),
     }
     opened = CliRunner().invoke(cli, ["info", server.url("lesion.svs")])
     assert opened.exit_code == 0 and "MiB fetched in" in opened.output and TOKEN not in opened.output
