@@ -21,9 +21,11 @@ import asyncio
 import logging
 import re
 import threading
+import time
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.web_log import AccessLogger
 
 LOG_FORMAT = '%s %{Content-Length}o "%r"'
 _LINE = re.compile(r'^(\d{3}) (\S+) "(\w+) (\S+) HTTP')
@@ -35,6 +37,7 @@ class SlideServer:
     def __init__(self, root: Path, log_path: Path, token: str | None = None, stall: float = 5.0) -> None:
         self.root, self.log_path, self.token, self.stall = Path(root), Path(log_path), token, stall
         self._seen_ranges: set[tuple[str, str]] = set()
+        self._started = self._logged = 0  # requests received, and written to the log
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._serve, daemon=True, name="slide-server")
         self._ready = threading.Event()
@@ -85,9 +88,21 @@ class SlideServer:
 
     # -- life cycle ---------------------------------------------------------------------------
 
+    @web.middleware
+    async def _count(self, request: web.Request, handler):
+        self._started += 1
+        return await handler(request)
+
     def _serve(self) -> None:
         asyncio.set_event_loop(self._loop)
-        app = web.Application()
+        server = self
+
+        class CountingLogger(AccessLogger):
+            def log(self, request, response, time):  # noqa: A002 (aiohttp's signature)
+                super().log(request, response, time)
+                server._logged += 1
+
+        app = web.Application(middlewares=[self._count])
         for prefix, handler in (("files", self._files), ("slow", self._slow), ("drop", self._drop),
                                 ("flaky", self._flaky), ("norange", self._norange)):
             app.router.add_get(f"/{prefix}/{{name}}", handler)  # HEAD too
@@ -96,7 +111,8 @@ class SlideServer:
         logger.setLevel(logging.INFO)
         self._handler = logging.FileHandler(self.log_path, mode="w")
         logger.addHandler(self._handler)
-        runner = web.AppRunner(app, access_log=logger, access_log_format=LOG_FORMAT, shutdown_timeout=0.5)
+        runner = web.AppRunner(app, access_log=logger, access_log_format=LOG_FORMAT, access_log_class=CountingLogger,
+                               shutdown_timeout=0.5)
         self._loop.run_until_complete(runner.setup())
         site = web.TCPSite(runner, "127.0.0.1", 0)
         self._loop.run_until_complete(site.start())
@@ -130,7 +146,14 @@ class SlideServer:
         return f"http://127.0.0.1:{self.port}/{route}/{name}{query}"
 
     def log(self) -> list[dict]:
-        """The access log so far: status, method, target (with its query) and body bytes of each request."""
+        """The access log so far: status, method, target (with its query) and body bytes of each request.
+
+        A response reaches the client a moment before the server logs it: wait for the log to
+        hold every request received.
+        """
+        deadline = time.monotonic() + 5
+        while self._logged < self._started and time.monotonic() < deadline:
+            time.sleep(0.01)
         self._handler.flush()
         records = []
         for line in self.log_path.read_text().splitlines():
