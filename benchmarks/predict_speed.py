@@ -37,8 +37,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from zoompipe.encoders import create_encoder
 from zoompipe.encoders.export import cache_dir
-from zoompipe.model import ZoomMIL, ZoomMILConfig, save_run
+from zoompipe.model import create_model, load_run, save_run
 from zoompipe.predict import demo_run_dir
+from zoompipe.slide import slide_source
 from zoompipe.synthetic import write_synthetic_slide
 
 WIDTH, HEIGHT, MPP = 65536, 49152, 0.5
@@ -56,14 +57,19 @@ def standard_slide() -> Path:
 
 
 def make_run(folder: Path, magnifications: list[float], k: int) -> Path:
-    """A run folder with the demo model's pipeline settings and seeded weights."""
-    demo = json.loads((demo_run_dir() / "config.json").read_text())
-    pipeline = {key: value for key, value in demo.items() if key not in ("model", "class_names", "zoompipe_version")}
-    pipeline["mpp"] = [10.0 / m for m in magnifications]
-    pipeline["magnifications"] = magnifications
+    """A run folder with the demo model's pipeline (grid cascade 1.25x, 2.5x, 10x) and seeded weights.
+
+    One magnification gives ABMIL there, over every child of every base tissue patch; several give ZoomMIL.
+    """
+    demo_model, demo = load_run(demo_run_dir())
     torch.manual_seed(0)
-    config = ZoomMILConfig(**{**demo["model"], "magnifications": magnifications, "k": k})
-    return save_run(folder, ZoomMIL(config).eval(), demo["class_names"], pipeline)
+    settings = dict(in_dim=demo_model.config.in_dim, n_classes=len(demo.class_names), magnifications=magnifications,
+                    hidden=demo_model.config.hidden)
+    if len(magnifications) > 1:
+        architecture, model = "zoommil", create_model("zoommil", **settings, k=k, attn_hidden=demo_model.config.attn_hidden)
+    else:
+        architecture, model = "abmil", create_model("abmil", **settings)
+    return save_run(folder, model.eval(), architecture, demo.class_names, demo.pipeline)
 
 
 def peak_flops() -> float:
@@ -84,8 +90,8 @@ def encoder_flops() -> float:
     return float(counter.get_total_flops())
 
 
-def run_predict(slide: Path, run: Path, out: Path, runtime: str) -> tuple[float, float, dict]:
-    """Wall seconds, peak RSS in GiB and the prediction JSON of one `zoompipe predict` process."""
+def run_predict(slide: str | Path, run: Path, out: Path, runtime: str) -> tuple[float, float, dict]:
+    """Wall seconds, peak RSS in GiB and the prediction JSON of one `zoompipe predict` process (file or URL)."""
     start = time.perf_counter()
     process = subprocess.Popen([ZOOMPIPE, "predict", str(slide), "--model", str(run), "--out", str(out),
                                 "--runtime", runtime], stdout=subprocess.DEVNULL)
@@ -93,7 +99,7 @@ def run_predict(slide: Path, run: Path, out: Path, runtime: str) -> tuple[float,
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"zoompipe predict failed for {run.name}")
-    return seconds, usage.ru_maxrss / 2**20, json.loads((out / f"{slide.stem}.json").read_text())
+    return seconds, usage.ru_maxrss / 2**20, json.loads((out / f"{slide_source(slide).slide_id}.json").read_text())
 
 
 def main() -> None:

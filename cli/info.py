@@ -18,6 +18,8 @@ from zoompipe.errors import ZoompipeError
 def info_command(slides: tuple[str, ...], backend: str, mpp: float | None, as_json: bool) -> None:
     """Print backend, vendor, size, pyramid levels, mpp (and its source) and magnification of SLIDES.
 
+    SLIDES are files or URLs (https://..., s3://bucket/key, any fsspec URL), which are read with
+    range requests; for a URL the bytes and requests that opening it took are printed too.
     Every slide is reported; the exit status is 1 if any could not be opened.
     """
     from zoompipe.slide import open_slide
@@ -42,5 +44,9 @@ def info_command(slides: tuple[str, ...], backend: str, mpp: float | None, as_js
                    + (f", objective {info['objective_power']:g}x" if info["objective_power"] else ""))
         for level, ((lw, lh), ds) in enumerate(zip(info["level_dimensions"], info["level_downsamples"])):
             click.echo(f"  level {level}   {lw} x {lh} px, downsample {ds:g}, {info['mpp'] * ds:.4g} um/px")
+        if info["transfer"]:
+            t = info["transfer"]
+            click.echo(f"  remote    {t['bytes_fetched'] / 2**20:.2f} of {t['file_size'] / 2**20:.2f} MiB fetched "
+                       f"in {t['requests']} requests to open it")
     if failed:
         raise SystemExit(1)

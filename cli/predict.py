@@ -32,6 +32,9 @@ def predict_command(slides, run_dir, out_dir, heatmap, geojson, profile, mask_di
                     encoder_weights, batch_size, workers, backend, mpp, mpp_csv, cluster) -> None:
     """Classify raw SLIDES, reading high magnifications only where the model zooms.
 
+    SLIDES are files or URLs (https://..., s3://bucket/key): a URL is read with range requests,
+    only where the model looks, and its bytes fetched are reported (--profile, JSON).
+
     Prints the predicted class and probabilities of every slide and writes OUT/<slide_id>.json
     (probabilities; per magnification the patches embedded, their level-0 boxes, attention and
     the ones zoomed into; timings), OUT/status/<slide_id>.json and OUT/predictions.csv, which
@@ -75,7 +78,7 @@ def predict_command(slides, run_dir, out_dir, heatmap, geojson, profile, mask_di
               help="Longest side of the heatmap thumbnail in pixels.")
 @mask_dir_option
 def heatmap_command(prediction, slide, out_dir, max_side, mask_dir) -> None:
-    """Redraw the heatmaps of a saved PREDICTION (<slide_id>.json of `zoompipe predict`) on SLIDE."""
+    """Redraw the heatmaps of a saved PREDICTION (<slide_id>.json of `zoompipe predict`) on SLIDE (file or URL)."""
     from zoompipe.predict import redraw_heatmaps
 
     for path in redraw_heatmaps(prediction, slide, out_dir or Path(prediction).parent, mask_dir=mask_dir,

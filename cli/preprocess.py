@@ -43,7 +43,8 @@ def preprocess_command(slides, out_dir, magnifications, patch_size, min_tissue, 
                        cluster) -> None:
     """Segment tissue, tile every magnification of the cascade and embed every patch.
 
-    SLIDES are slide files, folders (searched recursively) or CSVs with a slide_path column.
+    SLIDES are slide files, URLs (https://, s3://), folders (searched recursively) or CSVs with a
+    slide_path column (files or URLs).
     Writes OUT/features/<slide_id>.h5 (with the pipeline contract), OUT/masks/<slide_id>.png,
     OUT/geojson/<slide_id>.geojson, OUT/status/<slide_id>.json and OUT/status.csv. Finished slides
     are skipped; a failing slide is recorded and the run goes on; the exit status is 1 when any

@@ -110,7 +110,7 @@ def test_cluster_predict_equals_a_serial_run(slides, serial, client, tmp_path):
     predictor = ZoomPredictor(tmp_path / "run", precision="fp32")
     local = predict_slides(slides, predictor, tmp_path / "serial")
     remote = predict_slides(slides, predictor, tmp_path / "cluster", cluster=client)
-    assert [o.path.stem for o in remote] == IDS and all(o.prediction is not None for o in remote + local)
+    assert [o.source.slide_id for o in remote] == IDS and all(o.prediction is not None for o in remote + local)
     for a, b in zip(local, remote):
         np.testing.assert_allclose(a.prediction.probabilities, b.prediction.probabilities, rtol=0, atol=1e-6)
         for ma, mb in zip(a.prediction.magnifications, b.prediction.magnifications):

@@ -44,6 +44,7 @@ from .errors import UsageError, ZoompipeError, one_line
 from .predict import PredictOutcome, predict_one, write_predictions_csv
 from .preprocess import PreprocessConfig, preprocess_one, run_contract
 from .run_status import SlideStatus, write_record, write_table
+from .slide import SlideSource, slide_source
 
 #: Seconds between two rebuilds of ``status.csv`` while a run goes on (and once at its end).
 TABLE_INTERVAL = 2.0
@@ -170,41 +171,47 @@ def _build_once(slot: _Kept, build: Callable[[], Any], threads: int | None) -> A
     return slot.value
 
 
-def _preprocess_task(path: Path, out_dir: Path, config: PreprocessConfig, mpp: float | None, overwrite: bool,
-                     wait: bool, threads: int | None) -> SlideStatus | None:
+def _preprocess_task(source: SlideSource, out_dir: Path, config: PreprocessConfig, mpp: float | None,
+                     overwrite: bool, wait: bool, threads: int | None) -> SlideStatus | None:
     from .encoders import create_encoder
 
     slot = _kept(("encoder", config.encoder, config.weights, config.device, config.precision, config.runtime))
 
-    def source():
+    def encoder_source():
         encoder = _build_once(slot, lambda: create_encoder(config.encoder, config.weights, config.device,
                                                            config.precision, config.runtime), threads)
         return encoder, run_contract(config, encoder)
 
     with slot.lock:
-        return preprocess_one(path, out_dir, config, source, mpp, overwrite=overwrite, wait=wait)
+        return preprocess_one(source, out_dir, config, encoder_source, mpp, overwrite=overwrite, wait=wait)
 
 
-def _predict_task(path: Path, settings: Any, out: Path, heatmap: bool, geojson: bool, mpp: float | None,
+def _predict_task(source: SlideSource, settings: Any, out: Path, heatmap: bool, geojson: bool, mpp: float | None,
                   backend: str, threads: int | None, wait: bool) -> PredictOutcome:
     del wait  # predict takes no slide locks: a slide is never held by another run
     slot = _kept(("predictor", settings))
     with slot.lock:
         predictor = _build_once(slot, settings.build, threads)
-        return predict_one(path, predictor, out, heatmap, geojson, mpp, backend)
+        return predict_one(source, predictor, out, heatmap, geojson, mpp, backend)
 
 
 # Client side.
 
-def _lost(path: Path, err: KilledWorker) -> str:
-    return (f"{path}: the worker processing this slide died {err.allowed_failures + 1} times (killed, out of "
+def _absolute(source: SlideSource) -> SlideSource:
+    """A local slide by its absolute path: workers may run elsewhere, in another folder."""
+    return source if source.remote else slide_source(source.local_path.resolve())
+
+
+def _lost(source: SlideSource, err: KilledWorker) -> str:
+    return (f"{source}: the worker processing this slide died {err.allowed_failures + 1} times (killed, out of "
             "memory, or a crash inside a C library); gave up on it")
 
 
-def run_slides(client: Client, task: Callable[..., Any], paths: Sequence[Path], kwargs: Callable[[Path], dict],
-               on_result: Callable[[Path, Any], None], on_lost: Callable[[Path, KilledWorker], Any],
-               resources: dict | None = None, progress: bool = True, label: str = "zoompipe") -> dict[Path, Any]:
-    """Run ``task(path, wait=..., **kwargs(path))`` once per slide on the cluster, gathering as they complete.
+def run_slides(client: Client, task: Callable[..., Any], paths: Sequence[SlideSource],
+               kwargs: Callable[[SlideSource], dict], on_result: Callable[[SlideSource, Any], None],
+               on_lost: Callable[[SlideSource, KilledWorker], Any], resources: dict | None = None,
+               progress: bool = True, label: str = "zoompipe") -> dict[SlideSource, Any]:
+    """Run ``task(source, wait=..., **kwargs(source))`` once per slide on the cluster, gathering as they complete.
 
     No more slides are in flight than the cluster has worker threads: a worker that dies then
     takes only the slide it was working on into the scheduler's count of failures, never one
@@ -223,11 +230,11 @@ def run_slides(client: Client, task: Callable[..., Any], paths: Sequence[Path], 
         What a task raised (a setting every slide would fail with); the others are cancelled.
     """
     run = uuid.uuid4().hex[:8]
-    todo: list[tuple[Path, bool]] = [(p, False) for p in reversed(paths)]
-    later: list[Path] = []
-    origin: dict[str, tuple[Path, bool]] = {}
+    todo: list[tuple[SlideSource, bool]] = [(p, False) for p in reversed(paths)]
+    later: list[SlideSource] = []
+    origin: dict[str, tuple[SlideSource, bool]] = {}
     running = as_completed()
-    results: dict[Path, Any] = {}
+    results: dict[SlideSource, Any] = {}
     if not client.nthreads():
         client.wait_for_workers(1)
 
@@ -239,7 +246,7 @@ def run_slides(client: Client, task: Callable[..., Any], paths: Sequence[Path], 
         while todo and running.count() < capacity:
             path, wait = todo.pop()
             future = client.submit(task, path, wait=wait, **kwargs(path), resources=resources, pure=False,
-                                   key=f"{label}-{path.stem}-{run}-{int(wait)}")
+                                   key=f"{label}-{path.slide_id}-{run}-{int(wait)}")
             origin[future.key] = (path, wait)
             running.add(future)
 
@@ -277,24 +284,24 @@ class _Table:
             self.last = time.monotonic()
 
 
-def preprocess_on_cluster(slides: Sequence[Path], out_dir: Path, config: PreprocessConfig,
+def preprocess_on_cluster(slides: Sequence[SlideSource], out_dir: Path, config: PreprocessConfig,
                           overrides: dict[str, float], cluster: str | ClusterSpec | Client,
                           overwrite: bool = False, progress: bool = True) -> list[SlideStatus]:
     """:func:`zoompipe.preprocess.preprocess_slides` over a cluster (inputs already checked)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     table = _Table(out_dir)
     gpu = config.device.startswith("cuda")
-    slides = [p.resolve() for p in slides]  # workers may run elsewhere, in another folder
+    slides = [_absolute(s) for s in slides]
     with connect(cluster, gpu=gpu) as (client, spec):
-        def lost(path: Path, err: KilledWorker) -> SlideStatus:
-            row = SlideStatus(path.stem, str(path), "failed", error=_lost(path, err))
+        def lost(source: SlideSource, err: KilledWorker) -> SlideStatus:
+            row = SlideStatus(source.slide_id, source.name, "failed", error=_lost(source, err))
             write_record(out_dir, row)
             return row
 
         try:
             results = run_slides(
                 client, _preprocess_task, slides,
-                lambda p: dict(out_dir=out_dir.resolve(), config=config, mpp=overrides.get(p.stem, config.mpp),
+                lambda p: dict(out_dir=out_dir.resolve(), config=config, mpp=overrides.get(p.slide_id, config.mpp),
                                overwrite=overwrite, threads=local_threads(spec)),
                 on_result=lambda path, row: table.update(), on_lost=lost,
                 resources={"GPU": 1} if gpu else None, progress=progress, label="zoompipe-preprocess")
@@ -303,32 +310,32 @@ def preprocess_on_cluster(slides: Sequence[Path], out_dir: Path, config: Preproc
     return [results[p] for p in slides]
 
 
-def predict_on_cluster(paths: Sequence[Path], settings: Any, out: Path, heatmap: bool, geojson: bool,
+def predict_on_cluster(paths: Sequence[SlideSource], settings: Any, out: Path, heatmap: bool, geojson: bool,
                        mpp: float | None, overrides: dict[str, float], backend: str, class_names: Sequence[str],
                        cluster: str | ClusterSpec | Client, progress: bool = True) -> list[PredictOutcome]:
     """:func:`zoompipe.predict.predict_slides` over a cluster; ``settings`` is a
     :class:`~zoompipe.engine.PredictorSettings`."""
     out.mkdir(parents=True, exist_ok=True)
     table = _Table(out)
-    paths = [p.resolve() for p in paths]  # workers may run elsewhere, in another folder
-    done: dict[Path, PredictOutcome] = {}
+    paths = [_absolute(s) for s in paths]
+    done: dict[SlideSource, PredictOutcome] = {}
     gpu = settings.device.startswith("cuda")
 
-    def arrived(path: Path, outcome: PredictOutcome) -> None:
+    def arrived(path: SlideSource, outcome: PredictOutcome) -> None:
         done[path] = outcome
         write_predictions_csv(out / "predictions.csv", [done[p] for p in paths if p in done], class_names)
         table.update()
 
     with connect(cluster, gpu=gpu) as (client, spec):
-        def lost(path: Path, err: KilledWorker) -> PredictOutcome:
-            outcome = PredictOutcome(path, error=_lost(path, err))
-            write_record(out, SlideStatus(path.stem, str(path), "failed", error=outcome.error))
+        def lost(source: SlideSource, err: KilledWorker) -> PredictOutcome:
+            outcome = PredictOutcome(source, error=_lost(source, err))
+            write_record(out, SlideStatus(source.slide_id, source.name, "failed", error=outcome.error))
             return outcome
 
         try:
             run_slides(client, _predict_task, paths,
                        lambda p: dict(settings=settings, out=out.resolve(), heatmap=heatmap, geojson=geojson,
-                                      mpp=overrides.get(p.stem, mpp), backend=backend, threads=local_threads(spec)),
+                                      mpp=overrides.get(p.slide_id, mpp), backend=backend, threads=local_threads(spec)),
                        on_result=arrived, on_lost=lost, resources={"GPU": 1} if gpu else None, progress=progress,
                        label="zoompipe-predict")
         finally:

@@ -144,6 +144,7 @@ class ZoomPredictor:
         Parameters
         ----------
         path : str or Path
+            A file or a URL (:func:`~zoompipe.slide.open_slide`).
         mpp : float, optional
             Level-0 microns per pixel, for slides whose metadata lacks it.
         backend : str
@@ -203,9 +204,9 @@ class ZoomPredictor:
                 selection_scores=scores, patches_embedded=len(grid), seconds=seconds[step]))
         timings["total"] = time.perf_counter() - start
         prediction = Prediction(
-            slide_id=slide.slide_id, slide_path=str(slide.path), slide_mpp=slide.mpp,
+            slide_id=slide.slide_id, slide_path=slide.name, slide_mpp=slide.mpp,
             slide_dimensions=slide.dimensions, class_names=self.class_names,
             probabilities=out.probabilities.float().cpu().numpy(), magnifications=reports,
             pipeline=self.pipeline, timings=timings, full_read_patches=len(layout[levels[-1]]),
-            encoder=dict(self.encoder_report))
+            encoder=dict(self.encoder_report), transfer=slide.transfer_stats())
         return prediction, tiles.mask

@@ -36,6 +36,7 @@ def read_patches(slide: Slide, coords: np.ndarray, mpp: float, patch_size: int) 
         (N, patch_size, patch_size, 3) uint8 RGB; parts outside the slide are white.
     """
     out = np.empty((len(coords), patch_size, patch_size, 3), np.uint8)
+    slide.prefetch(coords, patch_size, patch_size, mpp)  # a remote slide fetches the whole batch at once
     for i, (x, y) in enumerate(coords):
         out[i] = slide.read_region(int(x), int(y), patch_size, patch_size, mpp)
     return out
@@ -55,7 +56,8 @@ def iter_patch_batches(
     Parameters
     ----------
     slide : Slide
-        Its path, backend and mpp are reused; each thread opens its own handle.
+        Its path, backend and mpp are reused; each thread opens its own handle (of a remote
+        slide, a view that shares its header and range cache).
     coords, mpp, patch_size
         As in :func:`read_patches`.
     batch_size : int

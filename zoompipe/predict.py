@@ -23,7 +23,7 @@ from .heatmap import MAX_SIDE, write_heatmaps
 from .prediction import Prediction
 from .qc import write_geojson
 from .run_status import SlideStatus, check_unique_ids, write_record, write_table
-from .slide import load_mpp_overrides, open_slide
+from .slide import SlideSource, load_mpp_overrides, open_slide, slide_source
 from .tiling import tile_slide
 
 if TYPE_CHECKING:  # the engine loads torch; saved predictions and heatmaps do without it
@@ -73,7 +73,7 @@ def read_prediction(path: str | Path) -> Prediction:
         raise ZoompipeError(f"{path}: not a zoompipe prediction ({one_line(err)})") from None
 
 
-def redraw_heatmaps(prediction_path: str | Path, slide_path: str | Path, out_dir: str | Path,
+def redraw_heatmaps(prediction_path: str | Path, slide_path: str | Path | SlideSource, out_dir: str | Path,
                     mask_dir: str | Path | None = None, max_side: int = MAX_SIDE) -> list[Path]:
     """Heatmaps of a saved prediction, on the tissue of the slide as the prediction's contract makes it."""
     prediction = read_prediction(prediction_path)
@@ -86,12 +86,12 @@ def redraw_heatmaps(prediction_path: str | Path, slide_path: str | Path, out_dir
 class PredictOutcome:
     """One slide of a batch: its prediction, or the one-line reason it failed."""
 
-    path: Path
+    source: SlideSource
     prediction: Prediction | None = None
     error: str = ""
 
 
-def predict_one(path: Path, predictor: ZoomPredictor, out: Path | None, heatmap: bool = False,
+def predict_one(source: SlideSource, predictor: ZoomPredictor, out: Path | None, heatmap: bool = False,
                 geojson: bool = False, mpp: float | None = None, backend: str = "auto",
                 progress: bool = False) -> PredictOutcome:
     """One slide of a batch: its prediction and outputs, or the one-line reason it failed.
@@ -100,21 +100,25 @@ def predict_one(path: Path, predictor: ZoomPredictor, out: Path | None, heatmap:
     """
     start = time.perf_counter()
     try:
-        outcome = PredictOutcome(path, _predict_one(path, predictor, out, heatmap, geojson, mpp, backend, progress))
+        outcome = PredictOutcome(source, _predict_one(source, predictor, out, heatmap, geojson, mpp, backend,
+                                                      progress))
     except Exception as err:  # one bad slide must not stop a batch
-        outcome = PredictOutcome(path, error=describe_failure(err, path))
+        outcome = PredictOutcome(source, error=source.scrub(describe_failure(err, source)))
     if out is not None:
         p = outcome.prediction
-        write_record(out, SlideStatus(path.stem, str(path), "ok" if p else "failed", p.predicted if p else "",
-                                      time.perf_counter() - start, outcome.error))
+        write_record(out, SlideStatus(source.slide_id, source.name, "ok" if p else "failed",
+                                      p.predicted if p else "", time.perf_counter() - start, outcome.error))
     return outcome
 
 
-def predict_slides(paths: Sequence[str | Path], predictor: ZoomPredictor, out_dir: str | Path | None = None,
+def predict_slides(paths: Sequence[str | Path | SlideSource], predictor: ZoomPredictor,
+                   out_dir: str | Path | None = None,
                    heatmap: bool = False, geojson: bool = False, mpp: float | None = None,
                    mpp_csv: str | None = None, backend: str = "auto", progress: bool = False,
                    cluster: str | ClusterSpec | Client | None = None) -> list[PredictOutcome]:
     """Predict every slide, writing its outputs to ``out_dir`` when given; go on past failures.
+
+    ``paths`` are files or URLs (:func:`~zoompipe.slide.open_slide`).
 
     Parameters
     ----------
@@ -130,8 +134,8 @@ def predict_slides(paths: Sequence[str | Path], predictor: ZoomPredictor, out_di
         Two slides with the same id, an unreadable mpp table (before any slide is read), or a
         cluster run without ``out_dir``.
     """
-    paths = [Path(p) for p in paths]
-    check_unique_ids(paths)
+    sources = [slide_source(p) for p in paths]
+    check_unique_ids(sources)
     overrides = load_mpp_overrides(mpp_csv) if mpp_csv else {}
     out = Path(out_dir) if out_dir is not None else None
     if cluster is not None:
@@ -141,16 +145,16 @@ def predict_slides(paths: Sequence[str | Path], predictor: ZoomPredictor, out_di
 
         cluster = parse_cluster(cluster) if isinstance(cluster, str) else cluster
 
-        return predict_on_cluster(paths, predictor.settings, out, heatmap=heatmap, geojson=geojson, mpp=mpp,
+        return predict_on_cluster(sources, predictor.settings, out, heatmap=heatmap, geojson=geojson, mpp=mpp,
                                   overrides=overrides, backend=backend, class_names=predictor.class_names,
                                   cluster=cluster, progress=progress)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     outcomes: list[PredictOutcome] = []
     try:
-        for path in paths:
-            outcomes.append(predict_one(path, predictor, out, heatmap, geojson, overrides.get(path.stem, mpp),
-                                        backend, progress))
+        for source in sources:
+            outcomes.append(predict_one(source, predictor, out, heatmap, geojson,
+                                        overrides.get(source.slide_id, mpp), backend, progress))
             if out is not None:
                 write_predictions_csv(out / "predictions.csv", outcomes, predictor.class_names)
     finally:
@@ -159,9 +163,9 @@ def predict_slides(paths: Sequence[str | Path], predictor: ZoomPredictor, out_di
     return outcomes
 
 
-def _predict_one(path: Path, predictor: ZoomPredictor, out: Path | None, heatmap: bool, geojson: bool,
+def _predict_one(source: SlideSource, predictor: ZoomPredictor, out: Path | None, heatmap: bool, geojson: bool,
                  mpp: float | None, backend: str, progress: bool) -> Prediction:
-    with open_slide(path, backend=backend, mpp=mpp) as slide:
+    with open_slide(source, backend=backend, mpp=mpp) as slide:
         prediction, mask = predictor.predict_slide(slide, progress=progress)
         if out is not None:
             write_text(out / f"{prediction.slide_id}.json", json.dumps(prediction.to_dict(), indent=1) + "\n")
@@ -181,9 +185,10 @@ def write_predictions_csv(path: Path, outcomes: Sequence[PredictOutcome], class_
         for o in outcomes:
             p = o.prediction
             if p is None:
-                writer.writerow([o.path.stem, str(o.path), "failed", "", *([""] * len(class_names)), "", "", o.error])
+                writer.writerow([o.source.slide_id, o.source.name, "failed", "", *([""] * len(class_names)), "", "",
+                                 o.error])
             else:
-                writer.writerow([p.slide_id, str(o.path), "ok", p.predicted, *(f"{v:.6f}" for v in p.probabilities),
+                writer.writerow([p.slide_id, o.source.name, "ok", p.predicted, *(f"{v:.6f}" for v in p.probabilities),
                                  p.patches_embedded, f"{p.timings.get('total', 0):.3f}", ""])
 
 
@@ -200,4 +205,6 @@ def profile_table(prediction: Prediction) -> str:
     ratio = prediction.full_read_patches / max(prediction.patches_embedded, 1)
     lines.append(f"a full read at {top:g}x would embed {prediction.full_read_patches} patches "
                  f"({ratio:.1f}x the patches embedded here)")
+    if prediction.transfer is not None:
+        lines.append(f"remote slide: {prediction.transfer.describe()}")
     return "\n".join(lines)

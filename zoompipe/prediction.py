@@ -10,6 +10,7 @@ import numpy as np
 
 from . import __version__
 from .contract import PipelineContract
+from .slide.remote import TransferStats
 
 
 @dataclass
@@ -83,6 +84,8 @@ class Prediction:
     #: What embedded the patches on this machine: name, precision, runtime, and the precision
     #: of the training features (recorded in ``pipeline``, not imposed).
     encoder: dict[str, Any] = field(default_factory=dict)
+    #: For a remote slide, the bytes and requests that tissue detection and zooming cost.
+    transfer: TransferStats | None = None
 
     @property
     def predicted(self) -> str:
@@ -100,6 +103,7 @@ class Prediction:
             "patches_embedded": self.patches_embedded, "full_read_patches": self.full_read_patches,
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "pipeline": self.pipeline.model_dump(mode="json"), "encoder": self.encoder,
+            "transfer": self.transfer.to_dict() if self.transfer is not None else None,
             "magnifications": [m.to_dict() for m in self.magnifications], "zoompipe_version": __version__,
         }
 
@@ -112,4 +116,5 @@ class Prediction:
             probabilities=np.array([data["probabilities"][n] for n in names]),
             magnifications=[MagnificationReport.from_dict(m) for m in data["magnifications"]],
             pipeline=PipelineContract.from_data(data["pipeline"], source), timings=data.get("timings", {}),
-            full_read_patches=int(data.get("full_read_patches", 0)), encoder=data.get("encoder", {}))
+            full_read_patches=int(data.get("full_read_patches", 0)), encoder=data.get("encoder", {}),
+            transfer=TransferStats.from_dict(data["transfer"]) if data.get("transfer") else None)

@@ -30,7 +30,7 @@ from .features import group_name, write_feature_file
 from .qc import overview_mpp, qc_image, tissue_geojson, write_geojson, write_png
 from .locks import slide_lock
 from .run_status import SlideStatus, check_unique_ids, read_records, write_record, write_table
-from .slide import load_mpp_overrides, open_slide
+from .slide import SlideSource, is_url, load_mpp_overrides, open_slide, slide_source
 from .tables import read_table
 from .tiling import cascade_tiles, tile_slide
 from .tissue import TissueParams
@@ -94,8 +94,11 @@ class PreprocessConfig:
     mask_dir: str | None = None
 
 
-def find_slides(inputs: Iterable[str | Path]) -> list[Path]:
-    """Slides named by files, folders (searched recursively by extension) or CSVs with ``slide_path``.
+def find_slides(inputs: Iterable[str | Path]) -> list[SlideSource]:
+    """Slides named by files, URLs, folders (searched recursively by extension) or CSVs with ``slide_path``.
+
+    A URL (and a ``slide_path`` that is one) is taken as it is: whether it exists is learnt when
+    the slide is read.
 
     Raises
     ------
@@ -103,14 +106,19 @@ def find_slides(inputs: Iterable[str | Path]) -> list[Path]:
         An input that does not exist, a CSV without a ``slide_path`` column, or two slides with
         the same id (file stem).
     """
-    slides: list[Path] = []
-    for item in map(Path, inputs):
+    slides: list[SlideSource] = []
+    for given in inputs:
+        if is_url(given):
+            slides.append(slide_source(given))
+            continue
+        item = Path(given)
         if item.is_dir():
-            slides += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_EXTENSIONS)
+            slides += [slide_source(p) for p in sorted(item.rglob("*"))
+                       if p.is_file() and p.suffix.lower() in SLIDE_EXTENSIONS]
         elif item.suffix.lower() == ".csv":
-            slides += [Path(row["slide_path"]) for row in read_table(item, ("slide_path",))]
+            slides += [slide_source(row["slide_path"]) for row in read_table(item, ("slide_path",))]
         elif item.exists():
-            slides.append(item)
+            slides.append(slide_source(item))
         else:
             raise UsageError(f"{item}: no such file or folder")
     check_unique_ids(slides)
@@ -139,7 +147,7 @@ def run_contract(config: PreprocessConfig, encoder: Encoder) -> PipelineContract
                                 precision=encoder.precision))
 
 
-def preprocess_slide(path: Path, out_dir: Path, config: PreprocessConfig, encoder: Encoder,
+def preprocess_slide(path: str | Path | SlideSource, out_dir: Path, config: PreprocessConfig, encoder: Encoder,
                      contract: PipelineContract, mpp: float | None = None, progress: bool = False) -> str:
     """Segment, tile and embed one slide; write its three files. Returns the patch counts.
 
@@ -165,7 +173,7 @@ def preprocess_slide(path: Path, out_dir: Path, config: PreprocessConfig, encode
         contract = contract.model_copy(update={
             "slide": SlideSettings(mpp=slide.mpp, mpp_source=slide.mpp_source),
             "tissue": contract.tissue.model_copy(update={"user_masks": masks})})
-        attrs = {"slide_id": slide.slide_id, "slide_path": str(path), "slide_width": slide.dimensions[0],
+        attrs = {"slide_id": slide.slide_id, "slide_path": slide.name, "slide_width": slide.dimensions[0],
                  "slide_height": slide.dimensions[1]}
     paths = output_paths(out_dir, slide.slide_id)
     for p in paths.values():
@@ -199,7 +207,7 @@ def check_config(config: PreprocessConfig) -> None:
 EncoderSource = Callable[[], "tuple[Encoder, PipelineContract]"]
 
 
-def preprocess_one(path: Path, out_dir: Path, config: PreprocessConfig, encoder_source: EncoderSource,
+def preprocess_one(source: SlideSource, out_dir: Path, config: PreprocessConfig, encoder_source: EncoderSource,
                    mpp: float | None = None, overwrite: bool = False, wait: bool = True,
                    progress: bool = False) -> SlideStatus | None:
     """One slide of a batch, under its lock: skip it, preprocess it, or record why it failed.
@@ -225,25 +233,25 @@ def preprocess_one(path: Path, out_dir: Path, config: PreprocessConfig, encoder_
     ZoompipeError
         The encoder cannot be built: every slide would fail the same way.
     """
-    slide_id = path.stem
+    slide_id = source.slide_id
     with slide_lock(out_dir, slide_id, wait) as held:
         if not held:
             return None
         paths = output_paths(out_dir, slide_id)
         if not overwrite and all(p.exists() for p in paths.values()):
             done = read_records(out_dir, [slide_id]).get(slide_id)
-            row = SlideStatus(slide_id, str(path), "skipped", detail=done.detail if done else "")
+            row = SlideStatus(slide_id, source.name, "skipped", detail=done.detail if done else "")
         else:
             for p in paths.values():
                 remove_leftovers(p)
             start = time.perf_counter()
             encoder, contract = encoder_source()
             try:
-                patches = preprocess_slide(path, out_dir, config, encoder, contract, mpp=mpp, progress=progress)
-                row = SlideStatus(slide_id, str(path), "ok", patches, time.perf_counter() - start)
+                patches = preprocess_slide(source, out_dir, config, encoder, contract, mpp=mpp, progress=progress)
+                row = SlideStatus(slide_id, source.name, "ok", patches, time.perf_counter() - start)
             except Exception as err:  # one bad slide must not stop a batch
-                row = SlideStatus(slide_id, str(path), "failed", seconds=time.perf_counter() - start,
-                                  error=describe_failure(err, path))
+                row = SlideStatus(slide_id, source.name, "failed", seconds=time.perf_counter() - start,
+                                  error=source.scrub(describe_failure(err, source)))
         write_record(out_dir, row)
     return row
 
@@ -293,16 +301,17 @@ def preprocess_slides(inputs: Sequence[str | Path], out_dir: str | Path, config:
             built.append((encoder, run_contract(config, encoder)))
         return built[0]
 
-    results: dict[Path, SlideStatus] = {}
+    results: dict[SlideSource, SlideStatus] = {}
     try:
         bar = tqdm(total=len(slides), desc="slides", unit="slide", disable=not progress)
         # First pass: every slide no one else holds; second pass: wait for the others.
         for wait in (False, True):
-            for path in [p for p in slides if p not in results]:
-                row = preprocess_one(path, out_dir, config, encoder_source, overrides.get(path.stem, config.mpp),
-                                     overwrite=overwrite, wait=wait, progress=progress)
+            for source in [s for s in slides if s not in results]:
+                row = preprocess_one(source, out_dir, config, encoder_source,
+                                     overrides.get(source.slide_id, config.mpp), overwrite=overwrite, wait=wait,
+                                     progress=progress)
                 if row is not None:
-                    results[path] = row
+                    results[source] = row
                     bar.update()
         bar.close()
     finally:

@@ -20,6 +20,7 @@ from filelock import FileLock
 from .atomic import atomic_path, write_text
 from .errors import UsageError
 from .locks import LOCK_DIR
+from .slide import SlideSource
 
 STATUS_DIR = "status"
 STATUS_TABLE = "status.csv"
@@ -37,20 +38,20 @@ class SlideStatus:
     error: str = ""
 
 
-def check_unique_ids(paths: Iterable[Path]) -> None:
+def check_unique_ids(sources: Iterable[SlideSource]) -> None:
     """Refuse inputs whose file stems, the slide ids, collide.
 
     Raises
     ------
     UsageError
-        Naming both paths of the first collision.
+        Naming both slides of the first collision.
     """
-    seen: dict[str, Path] = {}
-    for path in paths:
-        if path.stem in seen:
-            raise UsageError(f"slides {seen[path.stem]} and {path} have the same id {path.stem}; "
+    seen: dict[str, SlideSource] = {}
+    for source in sources:
+        if source.slide_id in seen:
+            raise UsageError(f"slides {seen[source.slide_id]} and {source} have the same id {source.slide_id}; "
                              "rename one or run them separately")
-        seen[path.stem] = path
+        seen[source.slide_id] = source
 
 
 def write_record(out_dir: Path, status: SlideStatus) -> None:

@@ -8,9 +8,12 @@ resizing and padding live in :mod:`zoompipe.slide.reader`, once for every backen
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .remote import RemoteFile
 
 BACKENDS = ("openslide", "tiffslide")
 
@@ -53,20 +56,47 @@ class OpenSlideBackend:
 
 
 class TiffSlideBackend:
-    """tiffslide: pure Python over tifffile (SVS, generic pyramidal TIFF, OME-TIFF, NDPI, ...)."""
+    """tiffslide: pure Python over tifffile (SVS, generic pyramidal TIFF, OME-TIFF, NDPI, ...).
+
+    Also reads a :class:`~zoompipe.slide.remote.RemoteFile`; then the tiles a read needs are
+    announced to it first, so that it fetches them in few requests.
+    """
 
     name = "tiffslide"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | RemoteFile) -> None:
         import tiffslide
 
-        self._slide = tiffslide.TiffSlide(str(path))
+        self.remote_file = None if isinstance(path, Path) else path
+        self._slide = tiffslide.TiffSlide(str(path) if self.remote_file is None else path)
         self.level_dimensions = tuple(tuple(int(v) for v in d) for d in self._slide.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
         self.properties = dict(self._slide.properties)
         self.vendor = str(self.properties.get("tiffslide.vendor") or "generic-tiff")
 
+    def prefetch(self, level: int, boxes: Sequence[tuple[int, int, int, int]]) -> None:
+        """Fetch the tiles under ``boxes`` (x, y, width, height in level pixels) of a remote file together."""
+        if self.remote_file is None:
+            return
+        series = self._slide.ts_tifffile.series[self.properties["tiffslide.series-index"]]
+        page = series.levels[level].keyframe
+        # Tile i of a contiguous tiled page is row-major; other layouts are read tile by tile on demand.
+        if not page.is_tiled or page.planarconfig != 1 or page.tiledepth != 1:
+            return
+        tw, th = page.tilewidth, page.tilelength
+        across = -(-page.imagewidth // tw)
+        offsets, counts = page.dataoffsets, page.databytecounts
+        ranges = []
+        for x, y, w, h in boxes:
+            for ty in range(y // th, (y + h - 1) // th + 1):
+                for tx in range(x // tw, (x + w - 1) // tw + 1):
+                    i = ty * across + tx
+                    if i < len(offsets) and counts[i]:
+                        ranges.append((int(offsets[i]), int(offsets[i]) + int(counts[i])))
+        self.remote_file.prefetch(ranges)
+
     def read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        self.prefetch(level, [(x, y, width, height)])
         downsample = self.level_downsamples[level]
         location = (int(round(x * downsample)), int(round(y * downsample)))
         region = self._slide.read_region(location, level, (width, height), as_array=True)
@@ -74,6 +104,8 @@ class TiffSlideBackend:
 
     def close(self) -> None:
         self._slide.close()
+        if self.remote_file is not None:
+            self.remote_file.close()
 
 
 BACKEND_CLASSES = {"openslide": OpenSlideBackend, "tiffslide": TiffSlideBackend}

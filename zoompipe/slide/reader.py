@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -17,6 +17,10 @@ import numpy as np
 from ..errors import SlideError, one_line
 from .backends import BACKEND_CLASSES, BACKENDS
 from .resolution import mpp_to_magnification, objective_power, resolve_mpp
+from .source import SlideSource, slide_source
+
+if TYPE_CHECKING:
+    from .remote import RemoteSettings, TransferStats
 
 # A level counts as fine enough for a target when it is at most this much coarser; it absorbs
 # the rounding of level sizes (a 4x level of an odd-sized slide has a downsample of 4.0003).
@@ -32,7 +36,10 @@ class Slide:
 
     Attributes
     ----------
-    path : Path
+    source : SlideSource
+        Where the slide lives: a local path or a URL.
+    name : str
+        The path, or the URL without credentials: what messages and outputs show.
     slide_id : str
         File name without its extension.
     backend : str
@@ -47,10 +54,12 @@ class Slide:
         Where ``mpp`` came from: ``"override"``, a metadata key, or ``"objective-power"``.
     """
 
-    def __init__(self, path: Path, backend: Any, mpp: float, mpp_source: str) -> None:
-        self.path = path
-        self.slide_id = path.stem
+    def __init__(self, source: SlideSource, backend: Any, mpp: float, mpp_source: str, owner: bool = True) -> None:
+        self.source = source
+        self.name = source.name
+        self.slide_id = source.slide_id
         self._backend = backend
+        self._owner = owner  # False for a view that shares another Slide's backend
         self.backend: str = backend.name
         self.vendor: str = backend.vendor
         self.level_dimensions: tuple[tuple[int, int], ...] = backend.level_dimensions
@@ -82,7 +91,7 @@ class Slide:
     def info(self) -> dict:
         """What ``zoompipe info`` prints."""
         return {
-            "path": str(self.path),
+            "path": self.name,
             "slide_id": self.slide_id,
             "backend": self.backend,
             "vendor": self.vendor,
@@ -94,6 +103,7 @@ class Slide:
             "mpp_source": self.mpp_source,
             "magnification": round(self.magnification, 3),
             "objective_power": self.objective_power,
+            "transfer": stats.to_dict() if (stats := self.transfer_stats()) is not None else None,
         }
 
     # -- reading ------------------------------------------------------------------------------
@@ -103,6 +113,39 @@ class Slide:
         fine_enough = [i for i in range(self.level_count)
                        if self.level_mpp(i) <= mpp * (1 + _LEVEL_TOLERANCE)]
         return max(fine_enough, key=self.level_mpp) if fine_enough else 0
+
+    def _level_box(self, x: float, y: float, width: int, height: int, mpp: float
+                   ) -> tuple[int, tuple[int, int, int, int], tuple[int, int, int, int]]:
+        """The level a read goes to, its box there and that box clipped to the level (x0, y0, x1, y1)."""
+        level = self.best_level(mpp)
+        downsample = self.level_downsamples[level]
+        factor = mpp / self.mpp / downsample  # level pixels per output pixel
+        lx, ly = x / downsample, y / downsample
+        x0, y0 = math.floor(lx + 1e-6), math.floor(ly + 1e-6)
+        x1 = math.ceil(lx + width * factor - 1e-6)
+        y1 = math.ceil(ly + height * factor - 1e-6)
+        level_w, level_h = self.level_dimensions[level]
+        return level, (x0, y0, x1, y1), (max(x0, 0), max(y0, 0), min(x1, level_w), min(y1, level_h))
+
+    def prefetch(self, coords: np.ndarray, width: int, height: int, mpp: float) -> None:
+        """Announce reads of ``width`` x ``height`` px at ``mpp`` at level-0 ``coords`` (N, 2).
+
+        A remote slide fetches all their tiles now, neighbours merged into one request each; a
+        local slide has nothing to do.
+        """
+        if not self.source.remote or len(coords) == 0:
+            return
+        boxes: dict[int, list[tuple[int, int, int, int]]] = {}
+        for x, y in coords:
+            level, _, (cx0, cy0, cx1, cy1) = self._level_box(float(x), float(y), width, height, mpp)
+            if cx1 > cx0 and cy1 > cy0:
+                boxes.setdefault(level, []).append((cx0, cy0, cx1 - cx0, cy1 - cy0))
+        for level, level_boxes in boxes.items():
+            self._backend.prefetch(level, level_boxes)
+
+    def transfer_stats(self) -> TransferStats | None:
+        """Bytes and requests spent on a remote slide so far; None for a local one."""
+        return self._backend.remote_file.stats() if self.source.remote else None
 
     def read_region(self, x: float, y: float, width: int, height: int, mpp: float) -> np.ndarray:
         """Read a box of the slide at a resolution.
@@ -121,22 +164,16 @@ class Slide:
         ndarray
             (height, width, 3) uint8 RGB; what lies outside the slide is white.
         """
-        level = self.best_level(mpp)
-        downsample = self.level_downsamples[level]
-        factor = mpp / self.mpp / downsample  # level pixels per output pixel
-        lx, ly = x / downsample, y / downsample
-        x0, y0 = math.floor(lx + 1e-6), math.floor(ly + 1e-6)
-        x1 = math.ceil(lx + width * factor - 1e-6)
-        y1 = math.ceil(ly + height * factor - 1e-6)
-        level_w, level_h = self.level_dimensions[level]
-        cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, level_w), min(y1, level_h)
+        level, (x0, y0, x1, y1), (cx0, cy0, cx1, cy1) = self._level_box(x, y, width, height, mpp)
         pixels = None
         if cx1 > cx0 and cy1 > cy0:
             try:
                 pixels = self._backend.read(level, cx0, cy0, cx1 - cx0, cy1 - cy0)
             except Exception as err:  # every backend has its own error types
-                raise SlideError(f"{self.path.name}: cannot read level {level} at "
-                                 f"({cx0}, {cy0}): {one_line(err)}") from err
+                if isinstance(err, SlideError):  # a remote fault, already one line
+                    raise
+                raise SlideError(self.source.scrub(f"{self.name}: cannot read level {level} at "
+                                                   f"({cx0}, {cy0}): {one_line(err)}")) from err
         if (cx0, cy0, cx1, cy1) == (x0, y0, x1, y1):
             box = pixels  # inside the slide: no white canvas to paste into
         else:
@@ -172,11 +209,18 @@ class Slide:
     # -- life cycle ---------------------------------------------------------------------------
 
     def reopen(self) -> "Slide":
-        """A new, independent handle on the same file (one per reader thread)."""
-        return open_slide(self.path, backend=self.backend, mpp=self.mpp if self.mpp_source == "override" else None)
+        """A handle for another reader thread.
+
+        A new, independent handle on a local file. A remote slide's handles share its header,
+        connection pool and range cache instead: the view is valid while this slide is open.
+        """
+        if self.source.remote:
+            return Slide(self.source, self._backend, self.mpp, self.mpp_source, owner=False)
+        return open_slide(self.source, backend=self.backend, mpp=self.mpp if self.mpp_source == "override" else None)
 
     def close(self) -> None:
-        self._backend.close()
+        if self._owner:
+            self._backend.close()
 
     def __enter__(self) -> "Slide":
         return self
@@ -186,7 +230,7 @@ class Slide:
 
     def __repr__(self) -> str:
         w, h = self.dimensions
-        return f"Slide({self.path.name!r}, {w}x{h}, {self.mpp:g} mpp, backend={self.backend})"
+        return f"Slide({self.name!r}, {w}x{h}, {self.mpp:g} mpp, backend={self.backend})"
 
 
 def _check_path(path: Path) -> None:
@@ -205,43 +249,66 @@ def _probe(slide: Slide) -> None:
             try:
                 slide._backend.read(level, x, y, 1, 1)
             except Exception as err:
-                raise SlideError(f"{slide.path}: damaged or truncated slide, level {level} "
-                                 f"cannot be read ({one_line(err)})") from err
+                if isinstance(err, SlideError):  # a remote fault, already one line
+                    raise
+                raise SlideError(slide.source.scrub(f"{slide.name}: damaged or truncated slide, level {level} "
+                                                    f"cannot be read ({one_line(err)})")) from err
 
 
-def open_slide(path: str | Path, backend: str = "auto", mpp: float | None = None) -> Slide:
-    """Open a whole-slide image.
+def open_slide(path: str | Path | SlideSource, backend: str = "auto", mpp: float | None = None,
+               remote: RemoteSettings | None = None) -> Slide:
+    """Open a whole-slide image, from a local path or a URL.
 
     Parameters
     ----------
-    path : str or Path
+    path : str, Path or SlideSource
+        A file, or a URL that fsspec reads (``https://``, ``s3://bucket/key``, ...). URLs are read
+        with tiffslide through range requests; credentials come from fsspec's usual places
+        (environment, ``~/.aws``, fsspec config, the URL itself) and never reach a message.
     backend : {"auto", "openslide", "tiffslide"}
-        ``"auto"`` tries OpenSlide first and falls back to tiffslide for what it cannot open.
+        ``"auto"`` tries OpenSlide first and falls back to tiffslide for what it cannot open;
+        for a URL it means tiffslide, since OpenSlide reads local files only.
     mpp : float, optional
         Level-0 microns per pixel, overriding the metadata (for slides that lack it).
+    remote : RemoteSettings, optional
+        Timeouts, retries and cache of remote reads [default: :meth:`RemoteSettings.from_env`].
 
     Raises
     ------
     SlideError
-        Missing, empty or unreadable file, not a slide, truncated slide, or unknown resolution.
+        Missing, empty or unreadable file, not a slide, truncated slide, or unknown resolution;
+        for a URL also not found, refused, timed out or dropped connection
+        (:class:`~zoompipe.slide.remote.RemoteError`).
     """
-    path = Path(path)
-    _check_path(path)
+    source = slide_source(path)
     if backend not in ("auto", *BACKENDS):
         raise SlideError(f"unknown backend {backend!r}; choose auto, {', '.join(BACKENDS)}")
+    if source.remote:
+        if backend == "openslide":
+            raise SlideError(f"{source}: OpenSlide reads local files only; use --backend tiffslide (or auto) for URLs")
+        from .remote import RemoteFile
+
+        names: tuple[str, ...] = ("tiffslide",)
+        target: Any = RemoteFile.open(source, remote)
+    else:
+        _check_path(source.local_path)
+        names = BACKENDS if backend == "auto" else (backend,)
+        target = source.local_path
     failures = []
-    for name in BACKENDS if backend == "auto" else (backend,):
+    for name in names:
         try:
-            handle = BACKEND_CLASSES[name](path)
+            handle = BACKEND_CLASSES[name](target)
+        except SlideError:
+            raise  # a remote fault while reading the header: not a verdict on the format
         except Exception as err:  # each library signals "not mine" with its own types
             failures.append(f"{name}: {one_line(err)}")
             continue
         try:
-            mpp_value, source = resolve_mpp(handle.properties, mpp, name=str(path))
-            slide = Slide(path, handle, mpp_value, source)
+            mpp_value, mpp_source = resolve_mpp(handle.properties, mpp, name=source.name)
+            slide = Slide(source, handle, mpp_value, mpp_source)
             _probe(slide)
         except SlideError:
             handle.close()
             raise
         return slide
-    raise SlideError(f"{path}: not a whole-slide image this tool can read ({'; '.join(failures)})")
+    raise SlideError(source.scrub(f"{source}: not a whole-slide image this tool can read ({'; '.join(failures)})"))
