@@ -45,7 +45,7 @@ def weights_files(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "timm:resnet18", "timm:vit_tiny_patch16_224"])
 def test_openvino_features_equal_torch_fp32(name, tissue_patches, weights_files):
     weights = weights_files.get(name.removeprefix("timm:"))
-    fast = create_encoder(name, weights=weights)
+    fast = create_encoder(name, weights=weights, runtime="openvino")
     reference = create_encoder(name, weights=weights, runtime="torch", precision="fp32")
     assert (fast.runtime, fast.precision, reference.runtime) == ("openvino", "fp32", "torch")
     ours, theirs = fast.embed(tissue_patches), reference.embed(tissue_patches)
@@ -58,31 +58,47 @@ def test_openvino_features_equal_torch_fp32(name, tissue_patches, weights_files)
 
 def test_graph_is_exported_once_per_weights(tmp_path, monkeypatch, weights_files, tissue_patches):
     monkeypatch.setenv("ZOOMPIPE_CACHE_DIR", str(tmp_path))
-    first = create_encoder("timm:resnet18", weights=weights_files["resnet18"])
+    first = create_encoder("timm:resnet18", weights=weights_files["resnet18"], runtime="openvino")
     graphs = list(tmp_path.rglob("*.onnx"))
     assert first.exported and len(graphs) == 1
     stamp = graphs[0].stat().st_mtime_ns, graphs[0].stat().st_ino
-    second = create_encoder("timm:resnet18", weights=weights_files["resnet18"])
+    second = create_encoder("timm:resnet18", weights=weights_files["resnet18"], runtime="openvino")
     assert not second.exported and second.runtime == "openvino"
     assert (graphs[0].stat().st_mtime_ns, graphs[0].stat().st_ino) == stamp
     np.testing.assert_array_equal(first.embed(tissue_patches[:2]), second.embed(tissue_patches[:2]))
     # Other weights, same architecture: a graph of their own.
     other = timm.create_model("resnet18", pretrained=False).state_dict()
     save_file(other, tmp_path / "other.safetensors")
-    assert create_encoder("timm:resnet18", weights=tmp_path / "other.safetensors").exported
+    assert create_encoder("timm:resnet18", weights=tmp_path / "other.safetensors", runtime="openvino").exported
     assert len(list(tmp_path.rglob("*.onnx"))) == 2
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
 
 
 def test_a_cached_graph_loads_without_building_the_model(tmp_path):
     # The default weights ship as a file: its digest finds the graph, and timm is never imported.
-    probe = ("import sys; from zoompipe.encoders import create_encoder; e = create_encoder(); "
+    probe = ("import sys; from zoompipe.encoders import create_encoder; e = create_encoder(runtime='openvino'); "
              "print(e.runtime, e.exported, e.model is None, 'timm' in sys.modules)")
     env = dict(os.environ, ZOOMPIPE_CACHE_DIR=str(tmp_path))
     runs = [subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
             for _ in range(2)]
     assert [r.stdout.split() for r in runs] == [["openvino", "True", "False", "True"],
                                                 ["openvino", "False", "True", "False"]], runs[-1].stderr[-2000:]
+
+
+def test_auto_takes_the_runtime_measured_faster_on_this_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZOOMPIPE_CACHE_DIR", str(tmp_path))
+    first = create_encoder()  # exports the graph, times both runtimes, records the faster
+    records = list(tmp_path.rglob("*.runtime"))
+    assert first.exported and len(records) == 1
+    assert records[0].read_text().strip() == first.runtime in ("torch", "openvino")
+    assert records[0].name.startswith(next(tmp_path.rglob("*.onnx")).stem)
+    # Whatever was measured, later runs follow the record and do not measure again; a graph known
+    # to be the faster loads without building the model.
+    for choice in ("torch", "openvino", "torch"):
+        records[0].write_text(choice + "\n")
+        again = create_encoder()
+        assert (again.runtime, again.model is None, again.exported) == (choice, choice == "openvino", False)
+        assert records[0].read_text().strip() == choice
 
 
 # Each process exports, then waits in the check until the other has exported too, so both

@@ -74,7 +74,8 @@ def create_encoder(
     precision : {"auto", "fp32", "bf16", "fp16"}
         ``"auto"`` is fp16 on CUDA, bf16 on CPUs with native bf16, fp32 otherwise.
     runtime : {"auto", "torch", "openvino"}
-        ``"auto"`` is OpenVINO for fp32 on CPU when the encoder exports, torch otherwise.
+        ``"auto"`` is OpenVINO for fp32 on CPU when the encoder exports and runs faster on it
+        than on torch on this machine (measured once, then cached), torch otherwise.
     model_kwargs : dict, optional
         Keyword arguments for ``timm.create_model`` (``timm:<model>`` only), as timm takes them;
         they become part of the encoder's name (see :mod:`zoompipe.encoders.timm_any`).
@@ -97,7 +98,7 @@ def create_encoder(
     """
     from .encoder import Encoder, resolve_device, resolve_precision
     from .export import find_graph, remember_graph
-    from .runtime import resolve_runtime
+    from .runtime import known_faster, resolve_runtime
 
     if model_kwargs:
         # The kwargs become part of the name, so feature files and runs record them.
@@ -116,7 +117,8 @@ def create_encoder(
             raise UsageError(f"encoder {name}: the features were made with weights {expect_weights[:19]}..., "
                              f"not {got}; pass the file they were made with (--encoder-weights)")
     found = find_graph(name, source) if chosen == "openvino" and source is not None else None
-    if found is not None:
+    # A cached graph spares building the model, once OpenVINO is known to be the faster here.
+    if found is not None and (runtime == "openvino" or known_faster(found[0]) == "openvino"):
         graph, config = found
         return Encoder(None, config, device=device, precision=precision, runtime=chosen, graph=graph)
     model, config = builder(weights=source, variant=variant)

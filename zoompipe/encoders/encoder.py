@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import ZoompipeError
 from .config import EncoderConfig
-from .runtime import ExportError, OpenVinoForward, compile_openvino, resolve_runtime
+from .runtime import ExportError, OpenVinoForward, compile_openvino, known_faster, measure_faster, resolve_runtime
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -127,6 +127,10 @@ class Encoder:
                     raise
                 _warn_once(f"{err}; it runs on torch")
                 self.runtime = "torch"
+        if self.graph is not None and self.model is not None and runtime == "auto":
+            faster = known_faster(self.graph.graph) or measure_faster(self.model, self.graph, config)
+            if faster == "torch":
+                self.graph, self.runtime = None, "torch"
         # (x - mean) / std as x * scale + shift in 0-255 units: one fused pass, no /255.
         mean = torch.tensor(config.mean, device=self.device).view(1, 3, 1, 1) * 255.0
         std = torch.tensor(config.std, device=self.device).view(1, 3, 1, 1) * 255.0

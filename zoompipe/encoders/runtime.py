@@ -2,19 +2,23 @@
 
 On CPU in fp32, OpenVINO runs EfficientNet-Lite0's ONNX graph 2.7-5.8x faster than torch with
 features equal to 3e-5 (``benchmarks/encoder_runtimes.py`` compares it with ONNX Runtime and
-``torch.compile``, both exact too but slower). ``auto`` picks it for every encoder whose graph exports and passes the
-exactness check, and torch everywhere else: on GPUs, under bf16 or fp16, when OpenVINO is not
-installed. The choice is made at run time and never stored with features or models.
+``torch.compile``, both exact too but slower), but a ViT-L runs slower on it than on torch.
+``auto`` picks it for an encoder whose graph exports, passes the exactness check and was measured
+faster than torch on this machine (:func:`measure_faster`, once per graph and machine), and
+torch everywhere else: on GPUs, under bf16 or fp16, when OpenVINO is not installed. The choice is
+made at run time and never stored with features or models.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..atomic import write_text
 from ..errors import ZoompipeError
 from .config import EncoderConfig
 from .export import cached_graph
@@ -137,3 +141,63 @@ def compile_openvino(model: nn.Module, config: EncoderConfig) -> tuple[OpenVinoF
         return OpenVinoForward(path, threads), exported
     forward.graph = path  # it was compiled from the file before the file's rename
     return forward, exported
+
+
+def machine_key() -> str:
+    """This CPU model, its vector instructions and the thread count: what a runtime's speed depends on."""
+    import platform
+
+    import torch
+
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), model)
+    except OSError:
+        pass
+    text = f"{model}|{torch.backends.cpu.get_cpu_capability()}|{torch.get_num_threads()}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _record(graph: OpenVinoForward) -> Path:
+    return graph.graph.with_name(f"{graph.graph.stem}.{machine_key()}.runtime")
+
+
+def known_faster(graph: Path) -> str | None:
+    """The runtime measured faster for ``graph`` on this machine, or None if not measured yet."""
+    try:
+        choice = graph.with_name(f"{graph.stem}.{machine_key()}.runtime").read_text().strip()
+    except OSError:
+        return None
+    return choice if choice in ("torch", "openvino") else None
+
+
+def measure_faster(model: nn.Module, graph: OpenVinoForward, config: EncoderConfig, rounds: int = 3) -> str:
+    """Time torch and OpenVINO on one batch, in alternation, and remember the faster for this machine.
+
+    OpenVINO is 3x faster than torch for EfficientNet-Lite0 here but slower for a ViT-L
+    (``benchmarks/large_encoder.py``), and the ratio depends on the CPU: measured once per graph
+    and machine (:func:`machine_key`), kept beside the graph in the cache.
+    """
+    import time
+
+    import torch
+
+    x = torch.randn(CHUNK, 3, config.input_size, config.input_size,
+                    generator=torch.Generator().manual_seed(0)).contiguous(memory_format=torch.channels_last)
+    runs = {"torch": model, "openvino": graph}
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.inference_mode():
+        for forward in runs.values():
+            forward(x)  # warm-up: first calls allocate
+        for _ in range(rounds):
+            for name, forward in runs.items():
+                start = time.perf_counter()
+                forward(x)
+                seconds[name].append(time.perf_counter() - start)
+    choice = min(seconds, key=lambda name: float(np.median(seconds[name])))
+    try:
+        write_text(_record(graph), choice + "\n")
+    except OSError:
+        pass  # a read-only cache only costs the next run another measurement
+    return choice
