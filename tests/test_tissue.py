@@ -151,6 +151,22 @@ def test_small_pieces_removed_and_small_holes_filled_by_area_in_microns():
     assert half[100, 75] and not half[100, 125] and not half[15, 15]
 
 
+@pytest.mark.parametrize("connectivity", [1, 2])
+def test_small_components_removed_as_scikit_image_removes_them(connectivity):
+    from skimage import morphology
+
+    from zoompipe.tissue import _without_small_components
+
+    rng = np.random.default_rng(connectivity)
+    # Blobs of every size, touching diagonally here and there: where 4- and 8-connectivity differ.
+    mask = cv2.GaussianBlur(rng.random((300, 400)), (0, 0), 2.0) > 0.52
+    for max_size in (0, 1, 5, 40, 300):
+        expected = morphology.remove_small_objects(mask, max_size=max_size, connectivity=connectivity)
+        got = _without_small_components(mask, max_size, connectivity)
+        np.testing.assert_array_equal(got, expected)
+        assert got.sum() < mask.sum() or max_size == 0
+
+
 def test_params_round_trip_and_errors():
     for params in PRESETS.values():
         assert TissueParams.from_dict(json.loads(json.dumps(dataclasses.asdict(params)))) == params
