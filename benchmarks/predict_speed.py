@@ -59,9 +59,12 @@ def standard_slide() -> Path:
 def make_run(folder: Path, magnifications: list[float], k: int) -> Path:
     """A run folder with the demo model's pipeline (grid cascade 1.25x, 2.5x, 10x) and seeded weights.
 
-    One magnification gives ABMIL there, over every child of every base tissue patch; several give ZoomMIL.
+    Both read under ``children="tissue"``: at 10x only patches with the base tissue rule, as a
+    CLAM-style pipeline tiles. One magnification gives ABMIL there, over the 10x tissue patches
+    under the base tissue patches; several give ZoomMIL.
     """
     demo_model, demo = load_run(demo_run_dir())
+    grid = demo.pipeline.grid.model_copy(update={"children": "tissue"})
     torch.manual_seed(0)
     settings = dict(in_dim=demo_model.config.in_dim, n_classes=len(demo.class_names), magnifications=magnifications,
                     hidden=demo_model.config.hidden)
@@ -69,7 +72,7 @@ def make_run(folder: Path, magnifications: list[float], k: int) -> Path:
         architecture, model = "zoommil", create_model("zoommil", **settings, k=k, attn_hidden=demo_model.config.attn_hidden)
     else:
         architecture, model = "abmil", create_model("abmil", **settings)
-    return save_run(folder, model.eval(), architecture, demo.class_names, demo.pipeline)
+    return save_run(folder, model.eval(), architecture, demo.class_names, demo.pipeline.model_copy(update={"grid": grid}))
 
 
 def peak_flops() -> float:
