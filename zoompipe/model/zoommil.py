@@ -43,6 +43,9 @@ class RowSource(Protocol):
     (:mod:`zoompipe.sparse`) embeds the rows it is asked for from the raw slide.
     """
 
+    def to(self, device: str | torch.device) -> RowSource:
+        """The source, giving its features on ``device``."""
+
     def base(self) -> Tensor:
         """Features (N_0, D) of every base patch."""
 
@@ -64,6 +67,9 @@ class DenseRows:
 
     def __init__(self, bags: list[Tensor], children: list[Tensor]) -> None:
         self.bags, self.children = bags, children
+
+    def to(self, device: str | torch.device) -> DenseRows:
+        return DenseRows([b.to(device) for b in self.bags], [c.to(device) for c in self.children])
 
     def base(self) -> Tensor:
         return self.bags[0]
