@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -113,8 +113,49 @@ def _cell_keys(cells: np.ndarray) -> np.ndarray:
     return (cells[:, 0].astype(np.int64) << 32) | cells[:, 1].astype(np.int64)
 
 
-class FeatureCache:
-    """One slide's features embedded so far, by row of its cascade layout, mirrored in a feature file.
+class RowStore:
+    """One slide's features known so far, by row of each magnification's full grid (in memory).
+
+    Parameters
+    ----------
+    sizes : list of int
+        Rows of each magnification's full grid, base first.
+    base_features : ndarray
+        (N_0, D) features of every base patch.
+    """
+
+    def __init__(self, sizes: list[int], base_features: np.ndarray) -> None:
+        self.position = [np.arange(sizes[0])] + [np.full(n, -1, np.int64) for n in sizes[1:]]
+        empty = np.zeros((0, base_features.shape[1]), np.float32)
+        self.features = [np.asarray(base_features, np.float32)] + [empty] * (len(sizes) - 1)
+
+    def count(self, level: int) -> int:
+        """Rows known at ``level``."""
+        return len(self.features[level])
+
+    def missing(self, level: int, rows: np.ndarray) -> np.ndarray:
+        """Those of ``rows`` not known yet, ascending."""
+        return np.unique(rows[self.position[level][rows] < 0])
+
+    def add(self, level: int, rows: np.ndarray, features: np.ndarray) -> None:
+        """Remember the features of new ``rows`` at ``level``."""
+        self.position[level][rows] = np.arange(len(rows)) + len(self.features[level])
+        self.features[level] = np.concatenate([self.features[level], np.asarray(features, np.float32)])
+
+    def get(self, level: int, rows: np.ndarray) -> np.ndarray:
+        """Features of known ``rows`` at ``level``."""
+        return self.features[level][self.position[level][rows]]
+
+    def known_rows(self, level: int) -> np.ndarray:
+        """Ascending rows known at ``level``."""
+        return np.flatnonzero(self.position[level] >= 0)
+
+    def save(self) -> None:
+        """Nothing to do: a memory store is not kept."""
+
+
+class FeatureCache(RowStore):
+    """A :class:`RowStore` of one slide's cascade layout, mirrored in a feature file.
 
     Parameters
     ----------
@@ -138,10 +179,8 @@ class FeatureCache:
 
     def __init__(self, path: Path, layout: list[PatchGrid], contract: PipelineContract, attrs: dict,
                  base_features: np.ndarray) -> None:
+        super().__init__([len(g) for g in layout], base_features)
         self.path, self.layout, self.contract, self.attrs = path, layout, contract, attrs
-        self.position = [np.arange(len(layout[0]))] + [np.full(len(g), -1, np.int64) for g in layout[1:]]
-        empty = np.zeros((0, base_features.shape[1]), np.float32)
-        self.features = [np.asarray(base_features, np.float32)] + [empty] * (len(layout) - 1)
         if path.exists():
             self._load()
 
@@ -166,27 +205,6 @@ class FeatureCache:
                                    f"{group_name(self.layout[level].magnification)} are not in the slide's "
                                    "grid; delete the cache")
         return order[at]
-
-    def count(self, level: int) -> int:
-        """Rows known at ``level``."""
-        return len(self.features[level])
-
-    def missing(self, level: int, rows: np.ndarray) -> np.ndarray:
-        """Those of ``rows`` not known yet, ascending."""
-        return np.unique(rows[self.position[level][rows] < 0])
-
-    def add(self, level: int, rows: np.ndarray, features: np.ndarray) -> None:
-        """Remember the features of new ``rows`` at ``level`` (in memory; :meth:`save` writes them)."""
-        self.position[level][rows] = np.arange(len(rows)) + len(self.features[level])
-        self.features[level] = np.concatenate([self.features[level], np.asarray(features, np.float32)])
-
-    def get(self, level: int, rows: np.ndarray) -> np.ndarray:
-        """Features of known ``rows`` at ``level``."""
-        return self.features[level][self.position[level][rows]]
-
-    def known_rows(self, level: int) -> np.ndarray:
-        """Ascending layout rows known at ``level``."""
-        return np.flatnonzero(self.position[level] >= 0)
 
     def save(self) -> None:
         """Write every known row under a temporary name, then rename it over the cache file."""
@@ -240,55 +258,74 @@ class ChildEmbedder:
         return out
 
 
-class SparseSlide:
-    """A slide's rows for :class:`~zoompipe.model.ZoomMIL`: the base from its file, the rest embedded on demand.
+class LazyRows:
+    """A :class:`~zoompipe.model.RowSource` that embeds the rows it is asked for and does not know yet.
 
-    A :class:`~zoompipe.model.RowSource`. Rows asked for and not cached are embedded from the
-    slide, added to the cache, and the cache file is rewritten before they are returned.
+    Parameters
+    ----------
+    store : RowStore
+        What is known; rows embedded are added to it, and it is saved before they are returned.
+    children : list of Tensor
+        Per magnification but the last, (N_i, C) rows of each patch's children, -1 for none.
+    embed : callable
+        ``embed(level, rows) -> (len(rows), D) features`` of the ascending ``rows`` of ``level``.
     """
 
-    def __init__(self, source: SlideSource, contract: PipelineContract, layout: list[PatchGrid],
-                 cache: FeatureCache, embedder: ChildEmbedder, phase: str) -> None:
-        self.source, self.contract, self.layout, self.cache = source, contract, layout, cache
-        self.embedder, self.phase = embedder, phase
-        self.children = [torch.from_numpy(children_index(a, b)) for a, b in zip(layout, layout[1:])]
+    def __init__(self, store: RowStore, children: list[Tensor],
+                 embed: Callable[[int, np.ndarray], np.ndarray]) -> None:
+        self.store, self.children, self.embed = store, children, embed
         self.device: str | torch.device = "cpu"
 
-    def to(self, device: str | torch.device) -> SparseSlide:
+    def to(self, device: str | torch.device) -> LazyRows:
         """Give features on ``device`` from now on."""
         self.device = device
         return self
 
     def base(self) -> Tensor:
-        return torch.from_numpy(self.cache.features[0]).to(self.device)
+        return torch.from_numpy(self.store.features[0]).to(self.device)
 
     def rows(self, level: int, rows: Tensor) -> Tensor:
         wanted = rows.cpu().numpy()
-        missing = self.cache.missing(level, wanted)
+        missing = self.store.missing(level, wanted)
         if len(missing):
-            grid = self.layout[level].take(missing)
-            self.cache.add(level, missing, self.embedder(self.source, self.contract, grid, self.phase))
-            self.cache.save()
-        return torch.from_numpy(self.cache.get(level, wanted)).to(self.device)
+            self.store.add(level, missing, self.embed(level, missing))
+            self.store.save()
+        return torch.from_numpy(self.store.get(level, wanted)).to(self.device)
 
     def known(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        known = [self.cache.known_rows(level) for level in range(len(self.layout))]
+        store = self.store
+        known = [store.known_rows(level) for level in range(len(store.features))]
         ranks = []
         for level, rows in enumerate(known):
-            rank = np.full(len(self.layout[level]), -1, np.int64)
+            rank = np.full(len(store.position[level]), -1, np.int64)
             rank[rows] = np.arange(len(rows))
             ranks.append(rank)
-        bags, children, explored = [], [], []
+        # Whether every last-magnification descendant of a row is known, from the last level down.
+        complete = store.position[-1] >= 0
+        done = []
+        for level in reversed(range(len(known) - 1)):
+            index = self.children[level].numpy()
+            complete = ((index < 0) | complete[index.clip(min=0)]).all(axis=1)
+            done.insert(0, complete[known[level]])
+        bags, children = [], []
         for level, rows in enumerate(known):
-            bags.append(torch.from_numpy(self.cache.get(level, rows)).to(self.device))
-            if level + 1 == len(known):
-                break
-            index = self.children[level].numpy()[rows]
-            child = np.where(index >= 0, ranks[level + 1][index.clip(min=0)], -1)
-            children.append(torch.from_numpy(child).to(self.device))
-            # Looked at: every child that exists is known (a patch with no child has nothing to show).
-            explored.append(torch.from_numpy(((index < 0) | (child >= 0)).all(axis=1)).to(self.device))
-        return bags, children, explored
+            bags.append(torch.from_numpy(store.get(level, rows)).to(self.device))
+            if level + 1 < len(known):
+                index = self.children[level].numpy()[rows]
+                child = np.where(index >= 0, ranks[level + 1][index.clip(min=0)], -1)
+                children.append(torch.from_numpy(child).to(self.device))
+        return bags, children, [torch.from_numpy(d).to(self.device) for d in done]
+
+
+class SparseSlide(LazyRows):
+    """A slide's rows: the base from its file, the rest embedded from the raw slide into its cache."""
+
+    def __init__(self, source: SlideSource, contract: PipelineContract, layout: list[PatchGrid],
+                 cache: FeatureCache, embedder: ChildEmbedder, phase: str) -> None:
+        children = [torch.from_numpy(children_index(a, b)) for a, b in zip(layout, layout[1:])]
+        super().__init__(cache, children,
+                         lambda level, rows: embedder(source, contract, layout[level].take(rows), phase))
+        self.cache, self.layout = cache, layout
 
 
 class SparseDataset(Dataset):

@@ -55,10 +55,10 @@ class RowSource(Protocol):
     def known(self) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None]:
         """What the zoom target may read: every row known so far.
 
-        Returns ``(bags, children, explored)``: per magnification the known rows' features;
+        Returns ``(bags, children, complete)``: per magnification the known rows' features;
         ``children`` indexing into those bags (-1 for a child that does not exist or is not
-        known); per magnification but the last, which known rows had their children looked at
-        (None: every row, as in dense files).
+        known); per magnification but the last, bool for each known row: all its
+        last-magnification descendants are known (None: every row, as in dense files).
         """
 
 
@@ -228,8 +228,8 @@ class ZoomMIL(nn.Module):
             logits, below_last = self._forward_soft(source.base(), children, source.rows)
             out = ZoomOutput(logits=logits)
             if self.config.zoom_target_weight > 0 and n_mags > 1:
-                known, known_children, explored = source.known()
-                loss = self.zoom_target_loss(known, known_children, label, below_last, explored)
+                known, known_children, complete = source.known()
+                loss = self.zoom_target_loss(known, known_children, label, below_last, complete)
                 out.aux_loss = self.config.zoom_target_weight * loss
             return out
 
@@ -334,7 +334,7 @@ class ZoomMIL(nn.Module):
         children: list[Tensor],
         label: int | None = None,
         below_last: Tensor | None = None,
-        explored: list[Tensor] | None = None,
+        complete: list[Tensor] | None = None,
     ) -> Tensor:
         """A direct training signal for the zoom heads, from the dense last magnification.
 
@@ -358,13 +358,16 @@ class ZoomMIL(nn.Module):
         below_last : Tensor, optional
             Sum of the pooled vectors of the lower levels, shape (hidden,), from the same
             forward pass; zero by default.
-        explored : list of Tensor, optional
-            Per magnification but the last, bool (N_i,): the rows whose children were looked
-            at. Sparse training knows the bags only in part (the rows embedded so far); a zoom
-            head is then compared with the target only on explored rows, among which the
-            target ranks the evidence, and learns nothing from it about the rest (an unexplored
-            patch has no evidence because it was never looked at, not because it holds none).
-            None: every row (dense files).
+        complete : list of Tensor, optional
+            Per magnification but the last, bool (N_i,): the rows all of whose
+            last-magnification descendants ``bags[-1]`` holds. Sparse training knows the bags
+            only in part (the rows embedded so far); each zoom head is then compared with the
+            target only on complete rows, and learns nothing from it about the rest. A row
+            known in part is left out because its mass would rank it by how deeply it was
+            explored, not by its evidence: with it, or with that mass scaled up by the share
+            known, sparse training on the planted cohort reached 3-6% of the regions, against
+            98% with complete rows only (``tests/test_sparse.py``). None: every
+            row (dense files).
 
         Returns
         -------
@@ -386,10 +389,10 @@ class ZoomMIL(nn.Module):
             mass = (mass[index.clamp_min(0)] * valid).sum(dim=1)  # (N_step,)
             level = self.levels[step]
             scores, target = level.zoom(level.project(bags[step])), mass
-            if explored is not None:
-                if not bool(explored[step].any()):
+            if complete is not None:
+                if not bool(complete[step].any()):
                     continue
-                scores, target = scores[explored[step]], mass[explored[step]]
+                scores, target = scores[complete[step]], mass[complete[step]]
             loss = loss + F.kl_div(
                 torch.log_softmax(scores, dim=0), target / target.sum().clamp_min(1e-12),
                 reduction="sum",
