@@ -109,6 +109,12 @@ def cascade_contract(base: PipelineContract, magnifications: Sequence[float]) ->
     return base.model_copy(update={"grid": grid})
 
 
+def override_mpp(contract: PipelineContract) -> float | None:
+    """The mpp a slide was preprocessed with when it was given (``--mpp``, ``--mpp-csv``), else None."""
+    slide = contract.slide
+    return slide.mpp if slide is not None and slide.mpp_source == "override" else None
+
+
 def _cell_keys(cells: np.ndarray) -> np.ndarray:
     return (cells[:, 0].astype(np.int64) << 32) | cells[:, 1].astype(np.int64)
 
@@ -238,12 +244,11 @@ class ChildEmbedder:
     def __call__(self, source: SlideSource, slide_contract: PipelineContract, grid: PatchGrid,
                  phase: str) -> np.ndarray:
         settings = self.settings
-        mpp = slide_contract.slide.mpp if slide_contract.slide and slide_contract.slide.mpp_source == "override" else None
         with torch.random.fork_rng(devices=[]):
             if self._encoder is None:
                 self._encoder = contract_encoder(self.contract, settings.weights, self.device, settings.precision,
                                                  settings.runtime)
-            with open_slide(source, backend=settings.backend, mpp=mpp) as slide:
+            with open_slide(source, backend=settings.backend, mpp=override_mpp(slide_contract)) as slide:
                 features = embed_patches(slide, grid.coords, grid.mpp, grid.patch_size, self._encoder,
                                          batch_size=settings.batch_size, workers=settings.workers)
         self.counts[phase, grid.magnification] += len(grid)
@@ -385,8 +390,7 @@ class SparseDataset(Dataset):
             source = slide_source(data.attrs["slide_path"])
         else:
             raise FeatureFileError(f"{path} does not record its slide; pass the slides (--slides)")
-        mpp = contract.slide.mpp if contract.slide and contract.slide.mpp_source == "override" else None
-        with open_slide(source, backend=settings.backend, mpp=mpp) as slide:
+        with open_slide(source, backend=settings.backend, mpp=override_mpp(contract)) as slide:
             layout = cascade_tiles(tile_slide(slide, contract, settings.mask_dir), contract.grid)
         if not np.array_equal(layout[0].cells, data.grids[0].cells):
             raise ContractError(f"{source.name}: its base grid ({len(layout[0])} patches) is not the one of {path} "
