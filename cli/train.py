@@ -12,7 +12,7 @@ from zoompipe.train_defaults import (
     DEFAULT_ZOOM_TARGET_WEIGHT,
 )
 
-from .options import parse_magnifications
+from .options import mask_dir_option, parse_magnifications
 
 
 def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
@@ -57,16 +57,43 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
 @click.option("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
 @click.option("--patience", type=int, default=None, help="Stop after this many epochs without a better val F1.")
 @click.option("--cache/--no-cache", default=True, help="Keep feature bags in memory between epochs.")
+@click.option("--sparse", is_flag=True,
+              help="ZoomMIL from base features only (preprocess --magnifications 1.25): the children each step "
+                   "and validation need are embedded from the raw slides and cached.")
+@click.option("--slides", "slides", multiple=True, type=click.Path(),
+              help="With --sparse: slide files, folders or CSVs with slide_path [default: the path each feature "
+                   "file records]. Repeatable.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="With --sparse: folder of per-slide feature caches, shareable between runs [default: OUT/feature_cache].")
+@click.option("--encoder-weights", type=click.Path(exists=True), default=None,
+              help="With --sparse: the encoder weights the base features were made with, where they do not ship with zoompipe.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+              help="With --sparse: encoder precision; auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32.")
+@click.option("--runtime", type=click.Choice(["auto", "torch", "openvino"]), default="auto",
+              help="With --sparse: encoder runtime; auto: OpenVINO for fp32 on CPU, torch otherwise.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, help="With --sparse: patches per encoder batch.")
+@click.option("--workers", type=click.IntRange(min=1), default=2, help="With --sparse: patch reader threads.")
+@click.option("--backend", type=click.Choice(["auto", "openslide", "tiffslide"]), default="auto",
+              help="With --sparse: slide library.")
+@mask_dir_option
 def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, architecture, magnifications, k, hidden,
                   attn_hidden, sigma, sigma_end, zoom_target_weight, max_grad_norm, epochs, lr, weight_decay, seed,
-                  split_seed, device, patience, cache) -> None:
+                  split_seed, device, patience, cache, sparse, slides, cache_dir, encoder_weights, precision, runtime,
+                  batch_size, workers, backend, mask_dir) -> None:
     """Train a model; keep the epoch with the best validation weighted F1.
 
     Writes OUT/model.safetensors and OUT/config.json (best epoch; architecture, hyper-parameters,
     classes and the pipeline contract every training file agrees on), OUT/splits.csv, OUT/log.csv
-    and OUT/train_summary.json.
+    and OUT/train_summary.json. With --sparse, also OUT/feature_cache/<slide_id>.h5 (the children
+    embedded, readable as feature files) and the patches embedded per magnification and epoch
+    against the dense count (log.csv column embedded, train_summary.json key sparse).
     """
+    from zoompipe.sparse import SparseSettings
     from zoompipe.train import train_model
+
+    settings = SparseSettings(slides=list(slides) or None, cache_dir=cache_dir, weights=encoder_weights,
+                              precision=precision, runtime=runtime, batch_size=batch_size, workers=workers,
+                              backend=backend, mask_dir=mask_dir) if sparse else None
 
     summary = train_model(features_dir, labels_csv, out_dir, architecture=architecture, splits_csv=splits_csv,
                           fold=fold,
@@ -75,5 +102,5 @@ def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, architect
                           zoom_target_weight=zoom_target_weight, max_grad_norm=max_grad_norm,
                           epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed,
                           split_seed=split_seed, device=device, patience=patience,
-                          cache=cache)
+                          cache=cache, sparse=settings)
     click.echo(json.dumps(summary, indent=2))

@@ -32,6 +32,24 @@ def feature_path(features_dir: str | os.PathLike, slide_id: str) -> Path:
     return Path(features_dir) / f"{slide_id}.h5"
 
 
+def check_feature_files(features_dir: str | os.PathLike, slide_ids: Sequence[str]) -> list[Path]:
+    """The feature files of ``slide_ids``.
+
+    Raises
+    ------
+    FeatureFileError
+        Some are missing (how many, and the first).
+    """
+    paths = [feature_path(features_dir, s) for s in slide_ids]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise FeatureFileError(
+            f"{len(missing)} of {len(paths)} feature files are missing "
+            f"(first: {missing[0]}); run preprocess on those slides"
+        )
+    return paths
+
+
 def read_bags(
     path: str | os.PathLike, magnifications: Sequence[float]
 ) -> tuple[list[Tensor], list[Tensor], list[np.ndarray]]:
@@ -304,13 +322,7 @@ class SlideDataset(Dataset):
         self.labels = [int(y) for y in labels]
         self.magnifications = [float(m) for m in magnifications]
         self.feature_dim = feature_dim
-        self.paths = [feature_path(features_dir, s) for s in self.slide_ids]
-        missing = [p for p in self.paths if not p.is_file()]
-        if missing:
-            raise FeatureFileError(
-                f"{len(missing)} of {len(self.paths)} feature files are missing "
-                f"(first: {missing[0]}); run preprocess on those slides"
-            )
+        self.paths = check_feature_files(features_dir, self.slide_ids)
         self._cache: dict[int, tuple[list[Tensor], list[Tensor]]] | None = {} if cache else None
 
     def __len__(self) -> int:

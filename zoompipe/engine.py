@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from .embed import embed_patches
-from .encoders import create_encoder
+from .contract import PipelineContract
+from .encoders import Encoder, create_encoder
 from .errors import CheckpointError
 from .grid import PatchGrid
 from .model import load_run
@@ -29,6 +30,19 @@ from .prediction import MagnificationReport, Prediction
 from .slide import Slide, open_slide
 from .tiling import cascade_tiles, check_mask_dir, tile_slide
 from .tissue import TissueMask
+
+
+def contract_encoder(contract: PipelineContract, weights: str | None = None, device: str = "cpu",
+                     precision: str = "auto", runtime: str = "auto") -> Encoder:
+    """The encoder a pipeline contract names, built for this machine.
+
+    Weights known by digest are checked before the encoder is built: other weights are refused
+    (``UsageError``).
+    """
+    encoder = contract.encoder
+    expected = encoder.weights if encoder.weights.startswith("sha256:") else None
+    return create_encoder(encoder.name, weights=weights, device=device, precision=precision, runtime=runtime,
+                          expect_weights=expected)
 
 
 @dataclass(frozen=True)
@@ -97,10 +111,7 @@ class ZoomPredictor:
             raise CheckpointError(f"{self.run_dir}: model magnifications {self.model_magnifications} are not "
                                   f"part of the grid cascade {self.grid_magnifications}")
         encoder = self.pipeline.encoder
-        # Weights known by digest are checked before the encoder is built: other weights are refused.
-        expected = encoder.weights if encoder.weights.startswith("sha256:") else None
-        self.encoder = create_encoder(encoder.name, weights=encoder_weights, device=device,
-                                      precision=precision, runtime=runtime, expect_weights=expected)
+        self.encoder = contract_encoder(self.pipeline, encoder_weights, device, precision, runtime)
         self.encoder_report = {"name": self.encoder.name, "precision": self.encoder.precision,
                                "runtime": self.encoder.runtime, "training_precision": encoder.precision}
         if self.encoder.feature_dim != self.model.config.in_dim:

@@ -16,10 +16,18 @@ from zoompipe.contract import first_disagreement
 from zoompipe.dataset import SlideDataset, agreed_contract, read_labels, read_splits
 from zoompipe.errors import ContractError, ZoompipeError
 from zoompipe.metrics import classification_metrics
-from zoompipe.model import load_run
+from zoompipe.model import RowSource, load_run
 
-#: One slide as the training and evaluation loops see it: ``(bags, children, label)``.
-Slide = tuple[list[Tensor], list[Tensor], int]
+#: One slide as the training and evaluation loops see it: ``(bags, children, label)``; ``bags``
+#: is a list of tensors, or a :class:`~zoompipe.model.RowSource` (sparse training).
+Slide = tuple["list[Tensor] | RowSource", list[Tensor], int]
+
+
+def on_device(bags: list[Tensor] | RowSource, children: list[Tensor],
+              device: str | torch.device) -> tuple[list[Tensor] | RowSource, list[Tensor]]:
+    """A slide's bags and children indices on ``device`` (a row source gives its rows there)."""
+    bags = [b.to(device) for b in bags] if isinstance(bags, list) else bags.to(device)
+    return bags, [c.to(device) for c in children]
 
 
 @torch.no_grad()
@@ -43,7 +51,7 @@ def predict_logits(model: torch.nn.Module, slides: Sequence[Slide], device: str 
     model.eval()
     logits = []
     for bags, children, _ in slides:
-        out = model([b.to(device) for b in bags], [c.to(device) for c in children])
+        out = model(*on_device(bags, children, device))
         logits.append(out.logits.cpu())
     return torch.stack(logits) if logits else torch.zeros(0, model.config.n_classes)
 

@@ -8,7 +8,7 @@ import os
 import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from zoompipe.dataset import (
     write_splits,
 )
 from zoompipe.errors import UsageError, ZoompipeError
-from zoompipe.evaluate import Slide, predict_logits
+from zoompipe.evaluate import Slide, on_device, predict_logits
 from zoompipe.metrics import classification_metrics
 from zoompipe.model import config_fields, create_model, model_class, save_run
 from zoompipe.train_defaults import (
@@ -37,6 +37,9 @@ from zoompipe.train_defaults import (
     DEFAULT_SIGMA_END,
     DEFAULT_ZOOM_TARGET_WEIGHT,
 )
+
+if TYPE_CHECKING:
+    from zoompipe.sparse import SparseDataset, SparseSettings
 
 LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "val_acc", "val_f1", "lr", "sigma")
 
@@ -98,7 +101,7 @@ def train_one_epoch(
     total, count = 0.0, 0
     for index in order:
         bags, children, label = slides[index]
-        out = model([b.to(device) for b in bags], [c.to(device) for c in children], label)
+        out = model(*on_device(bags, children, device), label)
         loss = F.cross_entropy(out.logits[None], torch.tensor([label], device=device))
         if out.aux_loss is not None:
             loss = loss + out.aux_loss
@@ -140,6 +143,7 @@ def train_model(
     patience: int | None = None,
     cache: bool = True,
     progress: bool = True,
+    sparse: SparseSettings | None = None,
 ) -> dict[str, Any]:
     """Train a model and keep the checkpoint with the best validation weighted F1.
 
@@ -197,6 +201,12 @@ def train_model(
         Keep feature bags in memory between epochs.
     progress : bool
         Show a progress bar.
+    sparse : SparseSettings, optional
+        Train ZoomMIL sparsely (:mod:`zoompipe.sparse`): ``features_dir`` then needs only the
+        base magnification, ``magnifications`` (or the files' contract) names the cascade, and
+        the children that the steps and validation need are embedded from the raw slides into a
+        per-slide cache. The patches embedded per magnification and epoch, and the dense count,
+        go to ``log.csv`` (column ``embedded``) and ``train_summary.json`` (``sparse``).
 
     Returns
     -------
@@ -235,19 +245,37 @@ def train_model(
 
     used = [feature_path(features_dir, s) for s in ids["train"] + ids["val"]]
     pipeline = agreed_contract(used)
-    if magnifications:
+    if sparse is not None:
+        if cls.needs != "zoom":
+            raise UsageError(f"--sparse trains zooming models; {architecture} reads one magnification in full")
+        if pipeline is None:
+            raise UsageError("--sparse needs base features from zoompipe preprocess (CLAM/TRIDENT files record "
+                             "no pipeline contract to rebuild the children from)")
+        from zoompipe.sparse import ChildEmbedder, SparseDataset, cascade_contract
+
+        pipeline = cascade_contract(pipeline, magnifications or pipeline.grid.magnifications)
+        mags = list(pipeline.grid.magnifications)
+        embedder = ChildEmbedder(pipeline, sparse, device)
+        cache_dir = Path(sparse.cache_dir) if sparse.cache_dir is not None else out_dir / "feature_cache"
+    elif magnifications:
         mags = list(magnifications)
     else:
         mags = file_magnifications(used[0])
         mags = mags if cls.needs == "zoom" else mags[-1:]
 
-    def subset(name: str, feature_dim: int | None) -> SlideDataset:
+    def subset(name: str, feature_dim: int | None) -> SlideDataset | SparseDataset:
         targets = [class_names.index(labels[s]) for s in ids[name]]
+        if sparse is not None:
+            return SparseDataset(features_dir, ids[name], targets, mags, sparse, embedder, cache_dir, name,
+                                 progress)
         return SlideDataset(features_dir, ids[name], targets, mags, feature_dim, cache)
 
     train_set = subset("train", None)
-    in_dim = train_set[0][0][0].shape[1]  # every other slide must match the first one
+    train_set[0]  # every other slide must match the first one's feature dimension
+    in_dim = train_set.feature_dim
     val_set = subset("val", in_dim)
+    if sparse is not None:
+        reused = {name: data.cached_counts() for name, data in (("train", train_set), ("val", val_set))}
 
     hyper = {"k": k, "hidden": hidden, "attn_hidden": attn_hidden, "sigma": sigma,
              "zoom_target_weight": zoom_target_weight}
@@ -264,7 +292,8 @@ def train_model(
     bar = tqdm(total=epochs * len(ids["train"]), unit="slide", disable=not progress)
     with bar, open(out_dir / "log.csv", "w", newline="", encoding="utf-8") as log_file:
         log = csv.writer(log_file)
-        log.writerow(LOG_COLUMNS)
+        log.writerow(LOG_COLUMNS + (("embedded",) if sparse is not None else ()))
+        per_epoch = []
         select = getattr(model, "select", None)  # a zooming model's perturbed top-K
         for epoch in range(1, epochs + 1):
             bar.set_description(f"epoch {epoch}/{epochs}{val_status}")
@@ -276,9 +305,13 @@ def train_model(
             val_loss = float(F.cross_entropy(logits, val_targets))
             metrics = classification_metrics(val_targets.numpy(), logits.softmax(dim=1).numpy())
             lr_now = optimizer.param_groups[0]["lr"]
-            log.writerow([epoch, f"{train_loss:.6f}", f"{val_loss:.6f}",
-                          f"{metrics['accuracy']:.6f}", f"{metrics['weighted_f1']:.6f}", lr_now,
-                          "" if select is None else f"{select.sigma:.6f}"])
+            row = [epoch, f"{train_loss:.6f}", f"{val_loss:.6f}", f"{metrics['accuracy']:.6f}",
+                   f"{metrics['weighted_f1']:.6f}", lr_now, "" if select is None else f"{select.sigma:.6f}"]
+            if sparse is not None:
+                per_epoch.append({"epoch": epoch, **embedder.take_counts()})
+                row.append(" ".join(f"{phase}:{group}={n}" for phase in ("train", "val")
+                                    for group, n in per_epoch[-1].get(phase, {}).items()))
+            log.writerow(row)
             log_file.flush()
             val_status = f" val_loss {val_loss:.3f} val_f1 {metrics['weighted_f1']:.3f}"
             scheduler.step(val_loss)
@@ -307,8 +340,40 @@ def train_model(
                      "weight_decay": weight_decay, "epochs": epochs, "seed": seed,
                      "split_seed": split_seed},
     }
+    if sparse is not None:
+        summary["sparse"] = sparse_report(train_set, val_set, reused, per_epoch, cache_dir)
     (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def sparse_report(train_set: SparseDataset, val_set: SparseDataset, reused: dict[str, dict[str, int]],
+                  per_epoch: list[dict[str, Any]], cache_dir: Path) -> dict[str, Any]:
+    """What sparse training embedded, against what dense preprocessing of the same slides embeds.
+
+    ``embedded`` counts the base patches (embedded by ``preprocess``) and every patch this run
+    embedded above them; patches found in the cache when the run started are ``reused``.
+    """
+    dense = {group: train_set.dense_counts()[group] + val_set.dense_counts()[group]
+             for group in train_set.dense_counts()}
+    base = next(iter(dense))
+    embedded = {group: dense[base] if group == base else 0 for group in dense}
+    for epoch in per_epoch:
+        for phase in ("train", "val"):
+            for group, n in epoch.get(phase, {}).items():
+                embedded[group] += n
+    start = {group: reused["train"][group] + reused["val"][group] for group in dense}
+    total, total_dense = sum(embedded.values()), sum(dense.values())
+    return {
+        "cache_dir": str(cache_dir),
+        "dense_patches": dense,
+        "embedded_patches": embedded,
+        "reused_from_cache": {group: n for group, n in start.items() if group != base},
+        "per_epoch": per_epoch,
+        "total_embedded": total,
+        "total_dense": total_dense,
+        "avoided": total_dense - total,
+        "fewer_by": round(total_dense / max(total, 1), 2),
+    }
 
 
 def _splits(
