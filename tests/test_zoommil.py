@@ -145,6 +145,23 @@ def test_padding_children_are_masked_in_eval_and_training() -> None:
     torch.testing.assert_close(model(bags, padded).logits, out.logits)
 
 
+def test_the_topk_never_spends_a_choice_on_a_patch_without_children() -> None:
+    bags, children, _ = make_slides(1, seed=3)[0]
+    model = _model().eval()
+    first = model(bags, children).selected[1]
+    # The 2.5x patches the zoom ranks first lose all their 10x children (as glass does under
+    # --children tissue): the top-K passes them over for the next ones, still K of them.
+    childless = children[1].clone()
+    childless[first[:2]] = -1
+    out = model(bags, [children[0], childless])
+    assert len(out.selected[1]) == 4 and not bool(torch.isin(first[:2], out.selected[1]).any())
+    assert torch.equal(out.selected[1][torch.isin(out.selected[1], first)], first[2:])
+    # With no child anywhere above, there is nothing to zoom into: the 10x level is never read.
+    empty = torch.full_like(children[1], -1)
+    out = model(bags, [children[0], empty])
+    assert len(out.selected) == 1 and len(out.rows) == 2
+
+
 def test_soft_path_tends_to_the_hard_path_and_trains_the_zoom_heads() -> None:
     bags, children, label = make_slides(1, seed=3)[0]
     model = _model(dropout=0.0).eval()

@@ -196,9 +196,12 @@ class ZoomPredictor:
             global_rows.append(child_rows)
             return embed_at(child), torch.from_numpy(child_rows)
 
+        def zoomable(step: int, rows: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(_has_descendants(layout, levels[step], levels[step + 1])[rows.numpy()])
+
         t_model = time.perf_counter()
         with torch.inference_mode():
-            out = self.model.infer(h0, fetch) if self.model.needs == "zoom" else self.model([h0], [])
+            out = self.model.infer(h0, fetch, zoomable) if self.model.needs == "zoom" else self.model([h0], [])
         timings["model"] = time.perf_counter() - t_model - sum(seconds[1:])
         reports = []
         for step, grid in enumerate(grids):
@@ -221,3 +224,13 @@ class ZoomPredictor:
             pipeline=self.pipeline, timings=timings, full_read_patches=len(layout[levels[-1]]),
             encoder=dict(self.encoder_report), transfer=slide.transfer_stats())
         return prediction, tiles.mask
+
+
+def _has_descendants(layout: list[PatchGrid], level: int, target: int) -> np.ndarray:
+    """Which patches of ``layout[level]`` have at least one descendant in ``layout[target]``."""
+    rows = np.arange(len(layout[target]))
+    for above in range(target, level, -1):
+        rows = layout[above].parent[rows]
+    has = np.zeros(len(layout[level]), bool)
+    has[rows] = True
+    return has

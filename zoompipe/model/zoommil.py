@@ -34,6 +34,9 @@ from zoompipe.model.topk import PerturbedTopK, topk_indices
 #: global rows (M,) there. Children that do not exist are simply left out, so the features are
 #: the rows of ``children[step][parents].flatten()`` that are not -1, in that order.
 FetchChildren = Callable[[int, Tensor], tuple[Tensor, Tensor]]
+#: ``zoomable(step, rows) -> BoolTensor``: which ``rows`` of magnification ``step`` have at least
+#: one child at the next; under the ``tissue`` children policy a patch may have none.
+Zoomable = Callable[[int, Tensor], Tensor]
 
 
 class RowSource(Protocol):
@@ -239,9 +242,13 @@ class ZoomMIL(nn.Module):
             rows = rows[rows >= 0]
             return source.rows(step + 1, rows), rows
 
-        return self.infer(source.base(), fetch)
+        def zoomable(step: int, rows: Tensor) -> Tensor:
+            index = children[step]
+            return (index[rows.to(index.device)] >= 0).any(dim=1).cpu()
 
-    def infer(self, h0: Tensor, fetch_children: FetchChildren) -> ZoomOutput:
+        return self.infer(source.base(), fetch, zoomable)
+
+    def infer(self, h0: Tensor, fetch_children: FetchChildren, zoomable: Zoomable | None = None) -> ZoomOutput:
         """Classify a slide, computing features above the base only where the model zooms.
 
         Parameters
@@ -251,6 +258,10 @@ class ZoomMIL(nn.Module):
         fetch_children : callable
             ``fetch_children(step, parents) -> (features, rows)``, see :data:`FetchChildren`.
             ``parents`` is a CPU LongTensor; the features are moved to the device of ``h0``.
+        zoomable : callable, optional
+            See :data:`Zoomable`. The top-K chooses among the patches that have children, so
+            that none of the K is spent on a patch with nothing under it; by default every
+            patch has children.
 
         Returns
         -------
@@ -272,7 +283,11 @@ class ZoomMIL(nn.Module):
             if level.zoom is None:
                 break
             scores = level.zoom(z)
-            local = topk_indices(scores, min(k, len(rows))).cpu()
+            allowed = torch.ones(len(rows), dtype=torch.bool) if zoomable is None else zoomable(step, rows)
+            if not bool(allowed.any()):
+                break  # nothing above any of these patches: nothing to zoom into
+            ranked = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
+            local = topk_indices(ranked, min(k, int(allowed.sum()))).cpu()
             selected = rows[local].sort().values
             out.selected.append(selected)
             out.selection_scores.append(scores)
