@@ -68,7 +68,7 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
 @click.option("--encoder-weights", type=click.Path(exists=True), default=None,
               help="With --sparse: the encoder weights the base features were made with, where they do not ship with zoompipe.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
-              help="With --sparse: encoder precision; auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32.")
+              help="With --sparse: precision of the children embedded; auto: that of the base features.")
 @click.option("--runtime", type=click.Choice(["auto", "torch", "openvino"]), default="auto",
               help="With --sparse: encoder runtime; auto: OpenVINO for fp32 on CPU, torch otherwise.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, help="With --sparse: patches per encoder batch.")

@@ -63,8 +63,9 @@ class SparseSettings:
     weights : str, optional
         Encoder weights, for encoders whose weights do not ship with zoompipe.
     precision, runtime : str
-        Encoder precision and runtime (:func:`~zoompipe.encoders.create_encoder`); use the
-        precision the base features were made with to train on features of one kind.
+        Encoder precision and runtime (:func:`~zoompipe.encoders.create_encoder`). Precision
+        ``"auto"`` is the precision the base features were made with, so that a bag holds
+        features of one kind.
     batch_size, workers : int
         Encoder batch and patch reader threads.
     backend : str
@@ -246,7 +247,10 @@ class ChildEmbedder:
         settings = self.settings
         with torch.random.fork_rng(devices=[]):
             if self._encoder is None:
-                self._encoder = contract_encoder(self.contract, settings.weights, self.device, settings.precision,
+                # Children join the base features in one bag: by default they are embedded in the
+                # precision the base features were, not in what this machine would pick.
+                precision = self.contract.encoder.precision if settings.precision == "auto" else settings.precision
+                self._encoder = contract_encoder(self.contract, settings.weights, self.device, precision,
                                                  settings.runtime)
             with open_slide(source, backend=settings.backend, mpp=override_mpp(slide_contract)) as slide:
                 features = embed_patches(slide, grid.coords, grid.mpp, grid.patch_size, self._encoder,
