@@ -98,6 +98,7 @@ def test_auto_takes_the_runtime_measured_faster_on_this_machine(tmp_path, monkey
         records[0].write_text(choice + "\n")
         again = create_encoder()
         assert (again.runtime, again.model is None, again.exported) == (choice, choice == "openvino", False)
+        assert (again.graph is None) == (choice == "torch")
         assert records[0].read_text().strip() == choice
 
 

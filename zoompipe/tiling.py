@@ -96,7 +96,6 @@ def tile_slide(slide: Slide, contract: PipelineContract, mask_dir: str | Path | 
     return SlideTiles(mask, base, mask_file)
 
 
-
 def cascade_tiles(tiles: SlideTiles, grid: GridSettings) -> list[PatchGrid]:
     """Every grid of the cascade as the contract prescribes: what preprocessing embeds.
 

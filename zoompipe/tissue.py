@@ -140,7 +140,7 @@ def _without_small_components(mask: np.ndarray, max_size: int, connectivity: int
     computed with OpenCV's labelling: 10-20x faster on a slide's thumbnail, the same result
     (``tests/test_tissue.py``).
     """
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(
         mask.view(np.uint8), connectivity=4 if connectivity == 1 else 8, ltype=cv2.CV_32S)
     keep = stats[:, cv2.CC_STAT_AREA] > max_size
     keep[0] = False  # label 0 is everything outside the mask

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import ZoompipeError
 from .config import EncoderConfig
+from .export import graph_path
 from .runtime import ExportError, OpenVinoForward, compile_openvino, known_faster, measure_faster, resolve_runtime
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -120,17 +121,21 @@ class Encoder:
         if self.runtime == "openvino" and graph is not None:
             self.graph = OpenVinoForward(graph, torch.get_num_threads())
         elif self.runtime == "openvino":
-            try:
-                self.graph, self.exported = compile_openvino(self.model, config)
-            except ExportError as err:
-                if runtime != "auto":
-                    raise
-                _warn_once(f"{err}; it runs on torch")
-                self.runtime = "torch"
-        if self.graph is not None and self.model is not None and runtime == "auto":
-            faster = known_faster(self.graph.graph) or measure_faster(self.model, self.graph, config)
-            if faster == "torch":
-                self.graph, self.runtime = None, "torch"
+            path = graph_path(self.model, config)
+            known = known_faster(path) if runtime == "auto" else None
+            if known == "torch":
+                self.runtime = "torch"  # measured slower here before: not compiled again
+            else:
+                try:
+                    self.graph, self.exported = compile_openvino(self.model, config, path)
+                except ExportError as err:
+                    if runtime != "auto":
+                        raise
+                    _warn_once(f"{err}; it runs on torch")
+                    self.runtime = "torch"
+                if (self.graph is not None and runtime == "auto" and known is None
+                        and measure_faster(self.model, self.graph, config) == "torch"):
+                    self.graph, self.runtime = None, "torch"
         # (x - mean) / std as x * scale + shift in 0-255 units: one fused pass, no /255.
         mean = torch.tensor(config.mean, device=self.device).view(1, 3, 1, 1) * 255.0
         std = torch.tensor(config.std, device=self.device).view(1, 3, 1, 1) * 255.0

@@ -110,7 +110,7 @@ def export_onnx(model: nn.Module, config: EncoderConfig, path: Path) -> None:
 
 
 def cached_graph(
-    model: nn.Module, config: EncoderConfig, check: Callable[[Path], None]
+    model: nn.Module, config: EncoderConfig, check: Callable[[Path], None], path: Path | None = None
 ) -> tuple[Path, bool]:
     """The cached ONNX graph of ``model``, exported and checked first if there is none.
 
@@ -121,6 +121,8 @@ def cached_graph(
     config : EncoderConfig
     check : callable
         Called on a freshly exported graph before it is cached; raises to refuse it.
+    path : Path, optional
+        ``graph_path(model, config)`` when the caller has it (it hashes every weight).
 
     Returns
     -------
@@ -128,7 +130,7 @@ def cached_graph(
     exported : bool
         Whether this call exported the graph (False when it came from the cache).
     """
-    path = graph_path(model, config)
+    path = path or graph_path(model, config)
     if path.exists():
         return path, False
     path.parent.mkdir(parents=True, exist_ok=True)

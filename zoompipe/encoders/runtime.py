@@ -98,8 +98,11 @@ class OpenVinoForward:
         return torch.from_numpy(np.concatenate(parts))
 
 
-def compile_openvino(model: nn.Module, config: EncoderConfig) -> tuple[OpenVinoForward, bool]:
+def compile_openvino(model: nn.Module, config: EncoderConfig,
+                     path: Path | None = None) -> tuple[OpenVinoForward, bool]:
     """OpenVINO forward pass of ``model``, from the cached graph or a fresh, checked export.
+
+    ``path`` is the graph's cache path when the caller has it (see :func:`cached_graph`).
 
     Returns
     -------
@@ -130,7 +133,7 @@ def compile_openvino(model: nn.Module, config: EncoderConfig) -> tuple[OpenVinoF
         checked["forward"] = forward
 
     try:
-        path, exported = cached_graph(model, config, check)
+        path, exported = cached_graph(model, config, check, path)
     except ExportError:
         raise
     except Exception as err:  # the exporter raises anything from RuntimeError to onnx errors
@@ -159,14 +162,15 @@ def machine_key() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _record(graph: OpenVinoForward) -> Path:
-    return graph.graph.with_name(f"{graph.graph.stem}.{machine_key()}.runtime")
+def _record(graph: Path) -> Path:
+    """Where the runtime measured faster for ``graph`` on this machine is kept."""
+    return graph.with_name(f"{graph.stem}.{machine_key()}.runtime")
 
 
 def known_faster(graph: Path) -> str | None:
     """The runtime measured faster for ``graph`` on this machine, or None if not measured yet."""
     try:
-        choice = graph.with_name(f"{graph.stem}.{machine_key()}.runtime").read_text().strip()
+        choice = _record(graph).read_text().strip()
     except OSError:
         return None
     return choice if choice in ("torch", "openvino") else None
@@ -198,7 +202,7 @@ def measure_faster(model: nn.Module, graph: OpenVinoForward, config: EncoderConf
                 seconds[name].append(time.perf_counter() - start)
     choice = min(seconds, key=lambda name: float(np.median(seconds[name])))
     try:
-        write_text(_record(graph), choice + "\n")
+        write_text(_record(graph.graph), choice + "\n")
     except OSError:
         pass  # a read-only cache only costs the next run another measurement
     return choice
