@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from zoompipe.encoders.config import PRECISIONS
+
 from .options import cluster_option, compute_options, mask_dir_option, slide_options
 
 
@@ -20,8 +22,9 @@ from .options import cluster_option, compute_options, mask_dir_option, slide_opt
 @click.option("--profile", is_flag=True, help="Print seconds per stage and patches per magnification.")
 @mask_dir_option
 @compute_options
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
-              help="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32. The training features' "
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
+              help="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32; int8 (opt-in, CPU, needs nncf): "
+                   "OpenVINO int8, faster, features not equal to fp32. The training features' "
                    "precision is reported (--profile, JSON), not imposed.")
 @click.option("--encoder-weights", type=click.Path(exists=True), default=None,
               help="Encoder weights file or folder, when not the encoder's own or not in the Hugging Face cache; "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from zoompipe.encoders import DEFAULT_ENCODER, list_encoders
+from zoompipe.encoders.config import PRECISIONS
 from zoompipe.tissue import PRESETS, get_params
 
 from .options import cluster_option, compute_options, mask_dir_option, parse_magnifications, slide_options
@@ -33,8 +34,9 @@ from .options import cluster_option, compute_options, mask_dir_option, parse_mag
               help="Encoder weights: a file (safetensors or torch), or a folder holding the hub's file "
                    "(a snapshot or a Hugging Face cache) [default: the encoder's own; see zoompipe encoders].")
 @compute_options
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
-              help="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
+              help="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32; int8 (opt-in, CPU, needs nncf): "
+                   "OpenVINO int8, faster, features not equal to fp32.")
 @slide_options
 @click.option("--overwrite", is_flag=True, help="Redo slides whose outputs exist.")
 @cluster_option

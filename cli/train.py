@@ -5,6 +5,7 @@ import json
 
 import click
 
+from zoompipe.encoders.config import PRECISIONS
 from zoompipe.train_defaults import (
     DEFAULT_K,
     DEFAULT_MAX_GRAD_NORM,
@@ -67,7 +68,7 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
               help="With --sparse: folder of per-slide feature caches, shareable between runs [default: OUT/feature_cache].")
 @click.option("--encoder-weights", type=click.Path(exists=True), default=None,
               help="With --sparse: the encoder weights the base features were made with, where they do not ship with zoompipe.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
               help="With --sparse: precision of the children embedded; auto: that of the base features.")
 @click.option("--runtime", type=click.Choice(["auto", "torch", "openvino"]), default="auto",
               help="With --sparse: encoder runtime; auto: OpenVINO for fp32 on CPU, torch otherwise.")

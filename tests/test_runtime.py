@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from zoompipe.encoders import EncoderConfig, create_encoder, register_encoder
+from zoompipe.encoders.encoder import resolve_precision
 from zoompipe.encoders.runtime import TOLERANCE, resolve_runtime
 from zoompipe.errors import ZoompipeError
 from zoompipe.slide import open_slide
@@ -176,9 +177,36 @@ def test_runtime_choice():
     assert resolve_runtime("auto", cpu, "bf16") == "torch"
     assert resolve_runtime("auto", cuda, "fp16") == "torch"
     assert resolve_runtime("torch", cpu, "fp32") == "torch"
-    with pytest.raises(ZoompipeError, match="fp32 on CPU only"):
+    assert resolve_runtime("auto", cpu, "int8") == "openvino"
+    with pytest.raises(ZoompipeError, match="fp32 or int8 on CPU only"):
         resolve_runtime("openvino", cuda, "fp32")
-    with pytest.raises(ZoompipeError, match="fp32 on CPU only"):
+    with pytest.raises(ZoompipeError, match="fp32 or int8 on CPU only"):
         resolve_runtime("openvino", cpu, "bf16")
+    with pytest.raises(ZoompipeError, match="int8 runs on OpenVINO only"):
+        resolve_runtime("torch", cpu, "int8")
+    with pytest.raises(ZoompipeError, match="int8 runs on CPU"):
+        resolve_precision("int8", cuda)
+    assert resolve_precision("auto", cpu) != "int8"  # only ever asked for
     with pytest.raises(ZoompipeError, match="unknown runtime"):
         resolve_runtime("tensorrt", cpu, "fp32")
+
+
+def test_int8_is_quantised_once_close_to_fp32_and_not_equal(tmp_path, monkeypatch, tissue_patches):
+    monkeypatch.setenv("ZOOMPIPE_CACHE_DIR", str(tmp_path))
+    int8 = create_encoder(precision="int8")
+    assert (int8.precision, int8.runtime) == ("int8", "openvino")
+    (graph,) = tmp_path.rglob("*.int8.xml")
+    assert graph.with_suffix(".bin").stat().st_size > 1_000_000
+    assert 'element_type="i8"' in graph.read_text()  # int8 weights, not an fp32 graph renamed
+    stamp = graph.stat().st_mtime_ns, graph.stat().st_ino
+    ours = int8.embed(tissue_patches)
+    theirs = create_encoder(precision="fp32", runtime="torch").embed(tissue_patches)
+    cosine = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
+    assert np.abs(ours - theirs).max() > 100 * TOLERANCE  # really quantised
+    # Closest on tissue; blank glass, which tiling drops, sits furthest from the calibration.
+    tissue = (tissue_patches.mean(axis=3) < 220).mean(axis=(1, 2)) >= 0.1
+    assert tissue.sum() >= 4 and cosine[tissue].min() > 0.98 and cosine.min() > 0.9, cosine
+    again = create_encoder(precision="int8")
+    assert (graph.stat().st_mtime_ns, graph.stat().st_ino) == stamp
+    np.testing.assert_array_equal(again.embed(tissue_patches), ours)
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]

@@ -71,8 +71,9 @@ def create_encoder(
         the hub's file (a copied snapshot, or a Hugging Face cache).
     device : str or torch.device
         ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
-    precision : {"auto", "fp32", "bf16", "fp16"}
-        ``"auto"`` is fp16 on CUDA, bf16 on CPUs with native bf16, fp32 otherwise.
+    precision : {"auto", "fp32", "bf16", "fp16", "int8"}
+        ``"auto"`` is fp16 on CUDA, bf16 on CPUs with native bf16, fp32 otherwise; int8 (CPU,
+        OpenVINO, needs ``nncf``) is an opt-in that changes the features.
     runtime : {"auto", "torch", "openvino"}
         ``"auto"`` is OpenVINO for fp32 on CPU when the encoder exports and runs faster on it
         than on torch on this machine (measured once, then cached), torch otherwise.
@@ -118,7 +119,8 @@ def create_encoder(
                              f"not {got}; pass the file they were made with (--encoder-weights)")
     found = find_graph(name, source) if chosen == "openvino" and source is not None else None
     # A cached graph spares building the model, once OpenVINO is known to be the faster here.
-    if found is not None and (runtime == "openvino" or known_faster(found[0]) == "openvino"):
+    if found is not None and (runtime == "openvino" or precision == "int8"
+                              or known_faster(found[0]) == "openvino"):
         graph, config = found
         return Encoder(None, config, device=device, precision=precision, runtime=chosen, graph=graph)
     model, config = builder(weights=source, variant=variant)
@@ -126,8 +128,8 @@ def create_encoder(
         # A file the user names is known by its bytes, wherever it lies.
         config = replace(config, weights=identity)
     encoder = Encoder(model, config, device=device, precision=precision, runtime=runtime)
-    if encoder.graph is not None and source is not None:
-        remember_graph(name, source, encoder.graph.graph, config)
+    if encoder.onnx is not None and source is not None:
+        remember_graph(name, source, encoder.onnx, config)
     return encoder
 
 

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: What ``--precision`` takes: ``auto`` resolves per machine (``encoder.resolve_precision``);
+#: int8 is an opt-in for OpenVINO on CPU.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+
 
 @dataclass(frozen=True)
 class EncoderConfig:

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ZoompipeError
-from .config import EncoderConfig
+from .config import PRECISIONS, EncoderConfig
 from .export import graph_path
+from .quantize import quantized_graph
 from .runtime import ExportError, OpenVinoForward, compile_openvino, known_faster, measure_faster, resolve_runtime
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -31,7 +31,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """Turn ``"auto"`` into a concrete precision for ``device`` and validate the rest.
 
     ``"auto"`` is fp16 on CUDA, bf16 on CPUs with native bf16 instructions (2.5x the fp32
-    throughput of EfficientNet-Lite0 on an AVX512-BF16 Xeon) and fp32 elsewhere.
+    throughput of EfficientNet-Lite0 on an AVX512-BF16 Xeon) and fp32 elsewhere; never int8,
+    which changes the features (:mod:`zoompipe.encoders.quantize`) and is only ever asked for.
     """
     if precision not in PRECISIONS:
         raise ZoompipeError(
@@ -41,6 +42,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         if device.type == "cuda":
             return "fp16"
         return "bf16" if device.type == "cpu" and _cpu_has_fast_bf16() else "fp32"
+    if precision == "int8" and device.type != "cpu":
+        raise ZoompipeError(f"precision int8 runs on CPU (OpenVINO) only, not on {device}; use fp16 or bf16")
     if precision == "fp16" and device.type != "cuda":
         raise ZoompipeError(f"precision fp16 needs a CUDA device, not {device}; use bf16 or fp32")
     if precision == "bf16" and device.type == "cpu" and not _cpu_has_fast_bf16():
@@ -79,15 +82,15 @@ class Encoder:
         Name, feature size and preprocessing of ``model``.
     device : str or torch.device
         Where the model runs.
-    precision : {"auto", "fp32", "bf16", "fp16"}
-        Autocast dtype; see :func:`resolve_precision` for ``"auto"``.
+    precision : {"auto", "fp32", "bf16", "fp16", "int8"}
+        Autocast dtype, or int8 on OpenVINO; see :func:`resolve_precision` for ``"auto"``.
     runtime : {"auto", "torch", "openvino"}
         What runs the model; see :func:`~zoompipe.encoders.runtime.resolve_runtime`. Under
         ``"auto"``, a model whose graph does not export or differs from torch runs on torch,
         with a warning.
     graph : Path, optional
-        A cached graph of the model, checked when it was exported, to run on OpenVINO without
-        the torch model.
+        A cached fp32 graph of the model, checked when it was exported, to run on OpenVINO (or
+        quantise, under int8) without the torch model.
 
     Attributes
     ----------
@@ -97,6 +100,8 @@ class Encoder:
         Whether building this encoder exported its graph (False: none needed, or cached).
     graph : OpenVinoForward or None
         The OpenVINO forward pass, when that is the runtime.
+    onnx : Path or None
+        The checked fp32 ONNX graph behind it (under int8, the graph it was quantised from).
     """
 
     def __init__(
@@ -118,8 +123,16 @@ class Encoder:
         )
         self.exported = False
         self.graph: OpenVinoForward | None = None
-        if self.runtime == "openvino" and graph is not None:
-            self.graph = OpenVinoForward(graph, torch.get_num_threads())
+        self.onnx: Path | None = graph
+        threads = torch.get_num_threads()
+        if self.precision == "int8":
+            # Quantised from the checked fp32 graph, which is kept to index the int8 one.
+            self.onnx = graph or graph_path(self.model, config)
+            if not self.onnx.exists():
+                _, self.exported = compile_openvino(self.model, config, self.onnx)
+            self.graph = OpenVinoForward(quantized_graph(self.onnx, config), threads)
+        elif self.runtime == "openvino" and graph is not None:
+            self.graph = OpenVinoForward(graph, threads)
         elif self.runtime == "openvino":
             path = graph_path(self.model, config)
             known = known_faster(path) if runtime == "auto" else None
@@ -128,6 +141,7 @@ class Encoder:
             else:
                 try:
                     self.graph, self.exported = compile_openvino(self.model, config, path)
+                    self.onnx = path
                 except ExportError as err:
                     if runtime != "auto":
                         raise
@@ -135,7 +149,7 @@ class Encoder:
                     self.runtime = "torch"
                 if (self.graph is not None and runtime == "auto" and known is None
                         and measure_faster(self.model, self.graph, config) == "torch"):
-                    self.graph, self.runtime = None, "torch"
+                    self.graph, self.runtime, self.onnx = None, "torch", None
         # (x - mean) / std as x * scale + shift in 0-255 units: one fused pass, no /255.
         mean = torch.tensor(config.mean, device=self.device).view(1, 3, 1, 1) * 255.0
         std = torch.tensor(config.std, device=self.device).view(1, 3, 1, 1) * 255.0

@@ -6,7 +6,9 @@ features equal to 3e-5 (``benchmarks/encoder_runtimes.py`` compares it with ONNX
 ``auto`` picks it for an encoder whose graph exports, passes the exactness check and was measured
 faster than torch on this machine (:func:`measure_faster`, once per graph and machine), and
 torch everywhere else: on GPUs, under bf16 or fp16, when OpenVINO is not installed. The choice is
-made at run time and never stored with features or models.
+made at run time and never stored with features or models. ``--precision int8``, an opt-in,
+always runs on OpenVINO, from a graph quantised from the checked fp32 one
+(:mod:`zoompipe.encoders.quantize`).
 """
 
 from __future__ import annotations
@@ -49,22 +51,26 @@ def resolve_runtime(runtime: str, device: torch.device, precision: str) -> str:
     runtime : {"auto", "torch", "openvino"}
     device : torch.device
     precision : str
-        Resolved precision (``"fp32"``, ``"bf16"`` or ``"fp16"``).
+        Resolved precision (``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"int8"``, which needs OpenVINO).
     """
     if runtime not in RUNTIMES:
         raise ZoompipeError(f"unknown runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
-    usable = device.type == "cpu" and precision == "fp32"
+    usable = device.type == "cpu" and precision in ("fp32", "int8")
     installed = importlib.util.find_spec("openvino") is not None
-    if runtime == "auto":
+    if precision == "int8" and runtime == "torch":
+        raise ZoompipeError("precision int8 runs on OpenVINO only; use --runtime auto or openvino")
+    if runtime == "torch":
+        return runtime
+    if runtime == "auto" and precision != "int8":
         return "openvino" if usable and installed else "torch"
-    if runtime == "openvino" and not usable:
+    if not usable:
         raise ZoompipeError(
-            f"runtime openvino runs fp32 on CPU only, not {precision} on {device}; "
+            f"runtime openvino runs fp32 or int8 on CPU only, not {precision} on {device}; "
             "use --runtime torch"
         )
-    if runtime == "openvino" and not installed:
+    if not installed:
         raise ZoompipeError("runtime openvino needs the package openvino: pip install openvino")
-    return runtime
+    return "openvino"
 
 
 class OpenVinoForward:
@@ -73,7 +79,8 @@ class OpenVinoForward:
     Parameters
     ----------
     graph : Path
-        ONNX file of :func:`zoompipe.encoders.export.export_onnx`.
+        ONNX file of :func:`zoompipe.encoders.export.export_onnx`, or the OpenVINO IR of
+        :func:`zoompipe.encoders.quantize.quantized_graph`.
     threads : int
         Inference threads; torch's count, so ``torch.set_num_threads`` and
         ``OMP_NUM_THREADS`` hold for both runtimes.
