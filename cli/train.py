@@ -77,15 +77,18 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
 @click.option("--backend", type=click.Choice(["auto", "openslide", "tiffslide"]), default="auto",
               help="With --sparse: slide library.")
 @mask_dir_option
+@click.option("--resume", is_flag=True,
+              help="Go on from the last finished epoch of a stopped run in OUT (same settings and split), to the "
+                   "model an unstopped run gives; its state is kept in OUT/resume/ after every epoch.")
 def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, architecture, magnifications, k, hidden,
                   attn_hidden, sigma, sigma_end, zoom_target_weight, max_grad_norm, epochs, lr, weight_decay, seed,
                   split_seed, device, patience, cache, sparse, slides, cache_dir, encoder_weights, precision, runtime,
-                  batch_size, workers, backend, mask_dir) -> None:
+                  batch_size, workers, backend, mask_dir, resume) -> None:
     """Train a model; keep the epoch with the best validation weighted F1.
 
     Writes OUT/model.safetensors and OUT/config.json (best epoch; architecture, hyper-parameters,
     classes and the pipeline contract every training file agrees on), OUT/splits.csv, OUT/log.csv
-    and OUT/train_summary.json. With --sparse, also OUT/feature_cache/<slide_id>.h5 (the children
+    and OUT/train_summary.json; while it runs, OUT/resume/ (for --resume). With --sparse, also OUT/feature_cache/<slide_id>.h5 (the children
     embedded, readable as feature files) and the patches embedded per magnification and epoch
     against the dense count (log.csv column embedded, train_summary.json key sparse).
     """
@@ -103,5 +106,5 @@ def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, architect
                           zoom_target_weight=zoom_target_weight, max_grad_norm=max_grad_norm,
                           epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed,
                           split_seed=split_seed, device=device, patience=patience,
-                          cache=cache, sparse=settings)
+                          cache=cache, sparse=settings, resume=resume)
     click.echo(json.dumps(summary, indent=2))

@@ -203,3 +203,28 @@ def test_sparse_training_with_the_zoom_target_finds_the_planted_regions() -> Non
           f"{shares[1]:.3f} at 2.5x")
     assert accuracy >= 0.95
     assert shares[0] >= 0.95 and shares[1] >= 0.95
+
+
+def test_a_stopped_sparse_run_resumes_with_its_cache_to_the_same_model(cohort, runs, monkeypatch) -> None:
+    import zoompipe.train
+
+    real, calls = zoompipe.train.predict_logits, []
+
+    def dies_in_epoch_3(*args, **kwargs):  # stopped while validating the last epoch
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    settings = SparseSettings(precision="fp32", cache_dir=str(cohort / "resumed_cache"))
+    monkeypatch.setattr(zoompipe.train, "predict_logits", dies_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        _train(cohort, "resumed", settings, zoom_target_weight=0.0)
+    monkeypatch.setattr(zoompipe.train, "predict_logits", real)
+    resumed = _train(cohort, "resumed", settings, zoom_target_weight=0.0, resume=True)
+    assert _log(cohort / "resumed") == _log(cohort / "sparse_run")
+    a, b = _weights(cohort / "sparse_run"), _weights(cohort / "resumed")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    # What the first two epochs embedded came back from the cache and is still counted.
+    assert resumed["sparse"]["per_epoch"][:2] == runs[1]["sparse"]["per_epoch"][:2]
+    assert sum(resumed["sparse"]["reused_from_cache"].values()) > 0

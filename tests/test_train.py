@@ -265,6 +265,41 @@ def test_train_and_evaluate_with_the_library(features, tmp_path: Path) -> None:
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == metrics
 
 
+def test_a_stopped_run_resumes_to_the_model_of_an_unstopped_one(features, tmp_path: Path, monkeypatch) -> None:
+    from safetensors.torch import load_file
+
+    import zoompipe.train
+
+    features_dir, labels = features
+    settings = dict(k=2, epochs=4, lr=1e-3, seed=1, progress=False)
+    whole = train_model(features_dir, labels, tmp_path / "whole", **settings)
+
+    real, calls = zoompipe.train.predict_logits, []
+
+    def dies_in_epoch_3(*args, **kwargs):  # the process is stopped while validating epoch 3
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    run = tmp_path / "stopped"
+    monkeypatch.setattr(zoompipe.train, "predict_logits", dies_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(features_dir, labels, run, **settings)
+    monkeypatch.setattr(zoompipe.train, "predict_logits", real)
+    assert (run / "resume" / "state.json").exists() and json.loads((run / "resume" / "state.json").read_text())["epoch"] == 2
+    with pytest.raises(UsageError, match="other settings") as info:
+        train_model(features_dir, labels, run, **{**settings, "lr": 2e-3}, resume=True)
+    assert "\n" not in str(info.value)
+
+    resumed = train_model(features_dir, labels, run, **settings, resume=True)
+    assert {k: v for k, v in resumed.items() if k != "run_dir"} == {k: v for k, v in whole.items() if k != "run_dir"}
+    assert (run / "log.csv").read_text() == (tmp_path / "whole" / "log.csv").read_text()
+    ours, theirs = load_file(str(run / "model.safetensors")), load_file(str(tmp_path / "whole" / "model.safetensors"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert not (run / "resume").exists()  # a finished run keeps no state
+
+
 def test_train_and_evaluate_commands(features, tmp_path: Path) -> None:
     features_dir, labels = features
     splits = tmp_path / "splits.csv"

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import WeightedRandomSampler
 from tqdm import tqdm
 
+from zoompipe.atomic import write_text
 from zoompipe.dataset import (
     SlideDataset,
     agreed_contract,
@@ -31,6 +32,7 @@ from zoompipe.errors import UsageError, ZoompipeError
 from zoompipe.evaluate import Slide, on_device, predict_logits
 from zoompipe.metrics import classification_metrics
 from zoompipe.model import config_fields, create_model, model_class, save_run
+from zoompipe.resume import Best, TrainingState, clear_state, fingerprint, load_state, save_state
 from zoompipe.train_defaults import (
     DEFAULT_K,
     DEFAULT_MAX_GRAD_NORM,
@@ -144,6 +146,7 @@ def train_model(
     cache: bool = True,
     progress: bool = True,
     sparse: SparseSettings | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Train a model and keep the checkpoint with the best validation weighted F1.
 
@@ -207,6 +210,10 @@ def train_model(
         the children that the steps and validation need are embedded from the raw slides into a
         per-slide cache. The patches embedded per magnification and epoch, and the dense count,
         go to ``log.csv`` (column ``embedded``) and ``train_summary.json`` (``sparse``).
+    resume : bool
+        Go on from the last finished epoch of a stopped run in ``out_dir`` (its state is kept
+        after every epoch, :mod:`zoompipe.resume`), to the model an unstopped run would give;
+        the settings and split must be the same. Without a state, the run starts afresh.
 
     Returns
     -------
@@ -287,15 +294,30 @@ def train_model(
     sampler = balanced_sampler(train_set.labels, seed)
     val_targets = torch.tensor(val_set.labels)
 
-    best: dict[str, Any] = {}
+    # What the steps depend on; the device is left out, so a run stopped on one may go on on another.
+    steps = fingerprint({"architecture": architecture, "magnifications": mags, "in_dim": in_dim,
+                         "classes": class_names, "splits": splits, **hyper, "sigma_end": sigma_end,
+                         "max_grad_norm": max_grad_norm, "epochs": epochs, "lr": lr, "weight_decay": weight_decay,
+                         "seed": seed, "sparse": None if sparse is None else {
+                             name: value for name, value in dataclasses.asdict(sparse).items()
+                             if name not in ("runtime", "batch_size", "workers", "backend")}})
+    state = load_state(out_dir, steps, model, optimizer, sampler.generator) if resume else None
+    best: Best | None = None if state is None else state.best
+    per_epoch: list[dict[str, Any]] = [] if state is None else state.per_epoch
+    done = 0 if state is None else state.epoch
+    if state is not None:
+        scheduler.load_state_dict(state.scheduler)
+    log_rows = _log_rows(out_dir / "log.csv", done)
     val_status = ""
-    bar = tqdm(total=epochs * len(ids["train"]), unit="slide", disable=not progress)
+    bar = tqdm(total=epochs * len(ids["train"]), initial=done * len(ids["train"]), unit="slide",
+               disable=not progress)
     with bar, open(out_dir / "log.csv", "w", newline="", encoding="utf-8") as log_file:
         log = csv.writer(log_file)
         log.writerow(LOG_COLUMNS + (("embedded",) if sparse is not None else ()))
-        per_epoch = []
+        log.writerows(log_rows)
         select = getattr(model, "select", None)  # a zooming model's perturbed top-K
-        for epoch in range(1, epochs + 1):
+        epoch = done
+        for epoch in range(done + 1, epochs + 1):
             bar.set_description(f"epoch {epoch}/{epochs}{val_status}")
             if select is not None:
                 select.sigma = sigma_schedule(epoch, epochs, sigma, sigma_end)
@@ -315,19 +337,24 @@ def train_model(
             log_file.flush()
             val_status = f" val_loss {val_loss:.3f} val_f1 {metrics['weighted_f1']:.3f}"
             scheduler.step(val_loss)
-            if not best or (metrics["weighted_f1"], -val_loss) > (best["f1"], -best["loss"]):
-                best = {"epoch": epoch, "f1": metrics["weighted_f1"], "loss": val_loss,
-                        "accuracy": metrics["accuracy"]}
+            stop = False
+            if best is None or best.beaten_by(metrics["weighted_f1"], val_loss):
+                best = Best(epoch, metrics["weighted_f1"], val_loss, metrics["accuracy"])
                 save_run(out_dir, model, architecture, class_names, pipeline)
-            elif patience is not None and epoch - best["epoch"] >= patience:
+            else:
+                stop = patience is not None and epoch - best.epoch >= patience
+            save_state(out_dir, TrainingState(epoch, steps, best, scheduler.state_dict(),
+                                              optimizer.state_dict()["param_groups"], per_epoch),
+                       model, optimizer, sampler.generator)
+            if stop:
                 break
 
     summary = {
         "run_dir": str(out_dir),
-        "best_epoch": best["epoch"],
-        "best_val_f1": best["f1"],
-        "best_val_loss": best["loss"],
-        "best_val_accuracy": best["accuracy"],
+        "best_epoch": best.epoch,
+        "best_val_f1": best.f1,
+        "best_val_loss": best.loss,
+        "best_val_accuracy": best.accuracy,
         "epochs_run": epoch,
         "n_train": len(ids["train"]),
         "n_val": len(ids["val"]),
@@ -342,8 +369,18 @@ def train_model(
     }
     if sparse is not None:
         summary["sparse"] = sparse_report(train_set, val_set, reused, per_epoch, cache_dir)
-    (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(out_dir / "train_summary.json", json.dumps(summary, indent=2) + "\n")
+    clear_state(out_dir)
     return summary
+
+
+def _log_rows(path: Path, epochs: int) -> list[list[str]]:
+    """The rows of a stopped run's ``log.csv`` up to ``epochs`` (later ones were not kept in its state)."""
+    if epochs == 0 or not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))[1:]
+    return [row for row in rows if row and int(row[0]) <= epochs]
 
 
 def sparse_report(train_set: SparseDataset, val_set: SparseDataset, reused: dict[str, dict[str, int]],
