@@ -93,11 +93,12 @@ def encoder_flops() -> float:
     return float(counter.get_total_flops())
 
 
-def run_predict(slide: str | Path, run: Path, out: Path, runtime: str) -> tuple[float, float, dict]:
+def run_predict(slide: str | Path, run: Path, out: Path, runtime: str,
+                precision: str = "auto") -> tuple[float, float, dict]:
     """Wall seconds, peak RSS in GiB and the prediction JSON of one `zoompipe predict` process (file or URL)."""
     start = time.perf_counter()
     process = subprocess.Popen([ZOOMPIPE, "predict", str(slide), "--model", str(run), "--out", str(out),
-                                "--runtime", runtime], stdout=subprocess.DEVNULL)
+                                "--runtime", runtime, "--precision", precision], stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
@@ -110,6 +111,7 @@ def main() -> None:
     parser.add_argument("--methods", default="zoommil,abmil")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--runtime", default="auto")
+    parser.add_argument("--precision", default="auto", help="encoder precision of every method (int8: the opt-in)")
     args = parser.parse_args()
     slide = standard_slide()
     specs = {"zoommil": ("ZoomMIL 1.25x->2.5x->10x, K=12", [1.25, 2.5, 10.0]), "abmil": ("ABMIL 10x", [10.0])}
@@ -120,7 +122,8 @@ def main() -> None:
         runs = {m: make_run(Path(tmp) / m, specs[m][1], k=12) for m in methods}
         for _ in range(args.rounds):
             for method in methods:
-                results[method].append(run_predict(slide, runs[method], Path(tmp) / f"out_{method}", args.runtime))
+                results[method].append(run_predict(slide, runs[method], Path(tmp) / f"out_{method}", args.runtime,
+                                                   args.precision))
     print(f"standard slide {WIDTH} x {HEIGHT} px at {MPP} mpp; {len(os.sched_getaffinity(0))} cores, "
           f"peak {peak / 1e9:.0f} GFLOP/s fp32 (estimated); encoder {flops / 1e9:.2f} GFLOPs/patch; "
           f"median of {args.rounds} alternating rounds")
@@ -131,7 +134,8 @@ def main() -> None:
         rate = prediction["patches_embedded"] / embed_s
         print(f"{specs[method][0]:32s} {statistics.median(r[0] for r in rows):7.2f} "
               f"{prediction['patches_embedded']:8d} {rate:8.1f} {rate * flops / peak:7.1%} "
-              f"{max(r[1] for r in rows):8.2f}  {prediction['encoder'].get('runtime', '?')}")
+              f"{max(r[1] for r in rows):8.2f}  {prediction['encoder'].get('runtime', '?')} "
+              f"{prediction['encoder'].get('precision', '?')}")
 
 
 if __name__ == "__main__":
