@@ -70,6 +70,7 @@ from zoompipe.synthetic import REGIONS_MPP, write_cohort
 from zoompipe.slide import open_slide
 from zoompipe.tiling import tile_slide
 from zoompipe.train import train_model
+from zoompipe.train_defaults import DEFAULT_LEVEL_DROPOUT
 
 CASCADE = [1.25, 2.5, 10.0]
 
@@ -196,7 +197,9 @@ def train_fold(method: Method, fold_csv: Path, features: Path, labels_csv: Path,
 
 def same_run(summary: dict[str, Any], run_splits: Path, fold_csv: Path, settings: dict[str, Any]) -> bool:
     """Whether a finished run was trained on the split of ``fold_csv`` with ``settings``."""
-    recorded = {**summary["model"], **summary["training"]}
+    # ZoomMIL runs from before level dropout existed were trained without it.
+    older = {"level_dropout": 0.0} if summary["architecture"] == "zoommil" else {}
+    recorded = {**older, **summary["model"], **summary["training"]}
     return (run_splits.read_text() == fold_csv.read_text()
             and all(recorded[name] == value for name, value in settings.items() if name in recorded))
 
@@ -291,6 +294,9 @@ def check_targets(results: dict[str, dict]) -> list[tuple[str, bool, str]]:
 def prepare(args: argparse.Namespace) -> tuple[list[dict], Path, dict[str, float]]:
     """Write the cohort and preprocess it, reusing whatever is already on disk."""
     out: Path = args.out
+    methods = [m for m in METHODS if args.methods is None or m.slug in args.methods]
+    if not methods:
+        parser.error(f"--methods: none of {args.methods}; choose from {', '.join(m.slug for m in METHODS)}")
     params = {"n": args.n, "width": args.width, "height": args.height, "mpp": args.mpp, "n_classes": args.classes,
               "grade_strength": args.grade_strength, "seed": args.cohort_seed}
     params_path = out / "cohort" / "params.json"
@@ -404,16 +410,24 @@ def main() -> None:
                         help="projection widths searched by the non-zooming methods (as many as --ks)")
     parser.add_argument("--hidden", type=int, default=128, help="projection width of the zooming methods")
     parser.add_argument("--attn-hidden", type=int, default=64, help="attention width of every method")
+    parser.add_argument("--level-dropout", type=float, default=DEFAULT_LEVEL_DROPOUT,
+                        help="the zooming models' level dropout (0: the paper's training)")
     parser.add_argument("--jobs", type=int, default=2, help="processes writing the cohort")
     parser.add_argument("--workers", type=int, default=2, help="patch reader threads")
     parser.add_argument("--precision", default="auto", help="encoder precision, for preprocess and predict alike")
     parser.add_argument("--device", default="cpu", help="cpu or cuda, for every step")
+    parser.add_argument("--methods", type=lambda t: t.split(","), default=None,
+                        help="train and score only these methods (their folder names under runs/), e.g. to share "
+                             "the work between processes; the tables need a run of every method")
     parser.add_argument("--predict-all-folds", action="store_true",
                         help="ABMIL 10x predicts from raw slides on every fold, not only the first")
     args = parser.parse_args()
     if len(args.ks) != len(args.hiddens):
         parser.error("--ks and --hiddens need as many values, so that every method searches as many configurations")
     out: Path = args.out
+    methods = [m for m in METHODS if args.methods is None or m.slug in args.methods]
+    if not methods:
+        parser.error(f"--methods: none of {args.methods}; choose from {', '.join(m.slug for m in METHODS)}")
 
     rows, features, timings = prepare(args)
     labels_csv = out / "cohort" / "labels.csv"
@@ -424,6 +438,7 @@ def main() -> None:
     alone_10x = tissue_grid_counts(features, rows, 10.0)
 
     fixed = {"epochs": args.epochs, "attn_hidden": args.attn_hidden, "hidden": args.hidden, "seed": args.seed,
+             "level_dropout": args.level_dropout,
              "device": args.device}
     predict_options = ["--workers", str(args.workers), "--device", args.device, "--precision", args.precision]
     per_fold: dict[str, list[dict]] = {m.name: [] for m in METHODS}
@@ -434,7 +449,7 @@ def main() -> None:
         fold_csv.parent.mkdir(parents=True, exist_ok=True)
         write_splits(fold_csv, splits)
         test = [by_id[s] for s in sorted(splits) if splits[s] == "test"]
-        for method in METHODS:
+        for method in methods:
             grid = search_grid(method, args.lrs, args.ks, args.hiddens)
             run, search = train_fold(method, fold_csv, features, labels_csv,
                                      out / "runs" / method.slug / f"fold{fold}", grid, fixed)
@@ -451,6 +466,9 @@ def main() -> None:
             print(f"fold {fold} {method.name}: chose {config_slug(chosen)}, test F1 {entry['weighted_f1']:.3f}",
                   flush=True)
     timings["train_and_score_s"] = time.perf_counter() - t0
+    if len(methods) < len(METHODS):
+        print("a run of some methods only: the tables come from a run of every method, which reuses these runs")
+        return
 
     gflops = encoder_gflops_per_patch(PreprocessConfig().encoder)
     results = {m.name: summarise(m, per_fold[m.name], counts.get(m.name, {}), gflops) for m in METHODS}
@@ -477,7 +495,7 @@ def main() -> None:
         "grid": {"lrs": args.lrs, "ks": args.ks, "hiddens": args.hiddens, "selection": "best validation weighted F1, "
                  "then lower validation loss, per method and fold"},
         "epochs": args.epochs, "hidden_zooming": args.hidden, "attn_hidden": args.attn_hidden,
-        "encoder": PreprocessConfig().encoder, "precision": args.precision, "encoder_gflops_per_patch": gflops,
+        "level_dropout": args.level_dropout, "encoder": PreprocessConfig().encoder, "precision": args.precision, "encoder_gflops_per_patch": gflops,
         "timings": timings, "ratios": ratios, "methods": results,
     }
     summary["targets"] = [{"target": t, "met": bool(met), "measured": measured}

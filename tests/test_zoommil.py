@@ -134,7 +134,7 @@ def test_padding_children_are_masked_in_eval_and_training() -> None:
     # Drop some 2.5x children: mark them -1 in the index and remove nothing else.
     padded = [children[0].clone(), children[1]]
     padded[0][::3, 1:3] = -1
-    model = _model(dropout=0.0).eval()
+    model = _model(dropout=0.0, level_dropout=0.0).eval()
     out = model(bags, padded)
     assert bool((out.rows[1] >= 0).all())
     assert len(out.rows[1]) < 16
@@ -164,7 +164,7 @@ def test_the_topk_never_spends_a_choice_on_a_patch_without_children() -> None:
 
 def test_soft_path_tends_to_the_hard_path_and_trains_the_zoom_heads() -> None:
     bags, children, label = make_slides(1, seed=3)[0]
-    model = _model(dropout=0.0).eval()
+    model = _model(dropout=0.0, level_dropout=0.0).eval()
     hard = model(bags, children).logits
     model.train()
     model.select.sigma = 1e-7
@@ -175,6 +175,21 @@ def test_soft_path_tends_to_the_hard_path_and_trains_the_zoom_heads() -> None:
     torch.nn.functional.cross_entropy(logits[None], torch.tensor([label])).backward()
     for level in model.levels[:2]:
         assert level.zoom.score.weight.grad.abs().sum() > 0
+
+
+def test_level_dropout_drops_lower_magnifications_in_training_only() -> None:
+    bags, children, _ = make_slides(1, seed=4)[0]
+    model = _model(dropout=0.0, level_dropout=0.0).eval()
+    out = model(bags, children)
+    last = model.levels[-1]
+    only_last = model.classifier(out.attention[-1] @ last.project(bags[-1][out.rows[-1]]))
+    assert not torch.allclose(out.logits, only_last)  # the lower levels count at inference
+    model.config.level_dropout = 0.999
+    torch.testing.assert_close(model(bags, children).logits, out.logits)  # and still do
+    model.train()
+    model.select.sigma = 1e-7  # the hard choice, through the soft path
+    torch.manual_seed(0)
+    torch.testing.assert_close(model(bags, children).logits, only_last)
 
 
 def test_training_survives_selected_parents_without_children() -> None:

@@ -35,6 +35,7 @@ from zoompipe.model import config_fields, create_model, model_class, save_run
 from zoompipe.resume import Best, TrainingState, clear_state, fingerprint, load_state, save_state
 from zoompipe.train_defaults import (
     DEFAULT_K,
+    DEFAULT_LEVEL_DROPOUT,
     DEFAULT_MAX_GRAD_NORM,
     DEFAULT_SIGMA_END,
     DEFAULT_ZOOM_TARGET_WEIGHT,
@@ -135,6 +136,7 @@ def train_model(
     sigma: float = 0.05,
     sigma_end: float = DEFAULT_SIGMA_END,
     zoom_target_weight: float = DEFAULT_ZOOM_TARGET_WEIGHT,
+    level_dropout: float = DEFAULT_LEVEL_DROPOUT,
     max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM,
     epochs: int = 100,
     lr: float = 1e-4,
@@ -178,14 +180,17 @@ def train_model(
         base bag (capped at the bag size, at least 1).
     hidden, attn_hidden : int
         Widths of the projected features and of the attention heads (512 and 256 in the paper).
-        These, ``k``, ``sigma`` and ``zoom_target_weight`` go to the architecture's config
-        where it has such a field.
+        These, ``k``, ``sigma``, ``zoom_target_weight`` and ``level_dropout`` go to the
+        architecture's config where it has such a field.
     sigma, sigma_end : float
         Noise of the perturbed top-K on [0, 1]-scaled scores (how far training explores beyond
         the current top K) at the first and the last epoch, linear in between.
     zoom_target_weight : float
         Weight of ZoomMIL's zoom target (:meth:`~zoompipe.model.ZoomMIL.zoom_target_loss`);
         0 trains the zoom heads through the perturbed top-K alone.
+    level_dropout : float
+        ZoomMIL: probability of dropping each lower magnification's pooled vector from the
+        classifier's sum in a training step (``ZoomMILConfig.level_dropout``); 0: the paper's.
     max_grad_norm : float, optional
         Gradient norm clipping per step; None turns it off.
     epochs : int
@@ -285,7 +290,7 @@ def train_model(
         reused = {name: data.cached_counts() for name, data in (("train", train_set), ("val", val_set))}
 
     hyper = {"k": k, "hidden": hidden, "attn_hidden": attn_hidden, "sigma": sigma,
-             "zoom_target_weight": zoom_target_weight}
+             "zoom_target_weight": zoom_target_weight, "level_dropout": level_dropout}
     fields = config_fields(architecture)
     model = create_model(architecture, in_dim=in_dim, n_classes=len(class_names), magnifications=mags,
                          **{name: value for name, value in hyper.items() if name in fields}).to(device)

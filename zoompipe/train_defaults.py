@@ -13,3 +13,7 @@ DEFAULT_SIGMA_END = 0.005
 
 #: Weight of ZoomMIL's zoom target (``ZoomMIL.zoom_target_loss``); 0 is the paper's training.
 DEFAULT_ZOOM_TARGET_WEIGHT = 1.0
+
+#: Probability of dropping each lower magnification's pooled vector from ZoomMIL's sum, per
+#: training step (``ZoomMILConfig.level_dropout``); 0 is the paper's training.
+DEFAULT_LEVEL_DROPOUT = 0.5
