@@ -70,7 +70,7 @@ from zoompipe.synthetic import REGIONS_MPP, write_cohort
 from zoompipe.slide import open_slide
 from zoompipe.tiling import tile_slide
 from zoompipe.train import train_model
-from zoompipe.train_defaults import DEFAULT_LEVEL_DROPOUT
+from zoompipe.train_defaults import DEFAULT_LEVEL_DROPOUT, DEFAULT_ZOOM_TARGET_WEIGHT
 
 CASCADE = [1.25, 2.5, 10.0]
 
@@ -410,6 +410,8 @@ def main() -> None:
                         help="projection widths searched by the non-zooming methods (as many as --ks)")
     parser.add_argument("--hidden", type=int, default=128, help="projection width of the zooming methods")
     parser.add_argument("--attn-hidden", type=int, default=64, help="attention width of every method")
+    parser.add_argument("--zoom-target-weight", type=float, default=DEFAULT_ZOOM_TARGET_WEIGHT,
+                        help="the zooming models' zoom target weight (0: the perturbed top-K alone)")
     parser.add_argument("--level-dropout", type=float, default=DEFAULT_LEVEL_DROPOUT,
                         help="the zooming models' level dropout (0: the paper's training)")
     parser.add_argument("--jobs", type=int, default=2, help="processes writing the cohort")
@@ -438,7 +440,7 @@ def main() -> None:
     alone_10x = tissue_grid_counts(features, rows, 10.0)
 
     fixed = {"epochs": args.epochs, "attn_hidden": args.attn_hidden, "hidden": args.hidden, "seed": args.seed,
-             "level_dropout": args.level_dropout,
+             "level_dropout": args.level_dropout, "zoom_target_weight": args.zoom_target_weight,
              "device": args.device}
     predict_options = ["--workers", str(args.workers), "--device", args.device, "--precision", args.precision]
     per_fold: dict[str, list[dict]] = {m.name: [] for m in METHODS}
@@ -495,7 +497,7 @@ def main() -> None:
         "grid": {"lrs": args.lrs, "ks": args.ks, "hiddens": args.hiddens, "selection": "best validation weighted F1, "
                  "then lower validation loss, per method and fold"},
         "epochs": args.epochs, "hidden_zooming": args.hidden, "attn_hidden": args.attn_hidden,
-        "level_dropout": args.level_dropout, "encoder": PreprocessConfig().encoder, "precision": args.precision, "encoder_gflops_per_patch": gflops,
+        "level_dropout": args.level_dropout, "zoom_target_weight": args.zoom_target_weight, "encoder": PreprocessConfig().encoder, "precision": args.precision, "encoder_gflops_per_patch": gflops,
         "timings": timings, "ratios": ratios, "methods": results,
     }
     summary["targets"] = [{"target": t, "met": bool(met), "measured": measured}
