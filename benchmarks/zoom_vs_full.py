@@ -115,7 +115,7 @@ METHODS = [
 
 def encoder_gflops_per_patch(name: str) -> float:
     """Forward FLOPs of the encoder on one patch, counted by torch's FLOP counter."""
-    encoder = create_encoder(name, precision="fp32")
+    encoder = create_encoder(name, precision="fp32", runtime="torch")  # the torch model, whatever is cached
     x = torch.zeros(1, 3, encoder.input_size, encoder.input_size)
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
         encoder.model(encoder.preprocess(x))
