@@ -288,6 +288,8 @@ def test_a_stopped_run_resumes_to_the_model_of_an_unstopped_one(features, tmp_pa
         train_model(features_dir, labels, run, **settings)
     monkeypatch.setattr(zoompipe.train, "predict_logits", real)
     assert (run / "resume" / "state.json").exists() and json.loads((run / "resume" / "state.json").read_text())["epoch"] == 2
+    # One tensor file, of the epoch the JSON names: the earlier epochs' went once it was written.
+    assert [p.name for p in (run / "resume").glob("*.safetensors")] == ["state-2.safetensors"]
     with pytest.raises(UsageError, match="other settings") as info:
         train_model(features_dir, labels, run, **{**settings, "lr": 2e-3}, resume=True)
     assert "\n" not in str(info.value)

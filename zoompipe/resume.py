@@ -7,9 +7,10 @@ the patches embedded per epoch. A resumed run therefore takes the same steps as 
 never stopped and ends with the same model (``tests/test_train.py``); with ``--sparse`` the
 children embedded before the stop are read back from the feature cache.
 
-The state lives in ``<run>/resume/``: ``state.safetensors`` (tensors) and ``state.json``
-(the rest), each written atomically, the JSON last and naming the epoch that both hold. No
-pickle is involved. A run that finishes removes it.
+The state lives in ``<run>/resume/``: ``state-<epoch>.safetensors`` (tensors) and
+``state.json`` (the rest, naming the epoch), each written atomically. The JSON is written last
+and the previous epoch's tensors removed only after it, so a stop at any point leaves a JSON
+and the tensors of the same epoch. No pickle is involved. A run that finishes removes it.
 """
 
 from __future__ import annotations
@@ -79,9 +80,17 @@ def save_state(run_dir: Path, state: TrainingState, model: torch.nn.Module, opti
     tensors["rng.sampler"] = sampler_generator.get_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    with atomic_path(folder / "state.safetensors") as tmp:
+    current = _tensors_path(folder, state.epoch)
+    with atomic_path(current) as tmp:
         save_file(tensors, str(tmp), metadata={"epoch": str(state.epoch)})
     write_text(folder / "state.json", json.dumps(asdict(state), indent=1) + "\n")
+    for stale in folder.glob("state-*.safetensors"):
+        if stale != current:
+            stale.unlink(missing_ok=True)
+
+
+def _tensors_path(folder: Path, epoch: int) -> Path:
+    return folder / f"state-{epoch}.safetensors"
 
 
 def load_state(run_dir: Path, expected_fingerprint: str, model: torch.nn.Module,
@@ -105,7 +114,7 @@ def load_state(run_dir: Path, expected_fingerprint: str, model: torch.nn.Module,
         data = json.loads((folder / "state.json").read_text())
         best = data.pop("best")
         state = TrainingState(**data, best=Best(**best) if best else None)
-        tensors = load_file(str(folder / "state.safetensors"))
+        tensors = load_file(str(_tensors_path(folder, state.epoch)))
     except (OSError, ValueError, TypeError) as err:
         raise UsageError(f"cannot resume from {folder}: {err}") from None
     if state.version != STATE_VERSION or state.fingerprint != expected_fingerprint:
