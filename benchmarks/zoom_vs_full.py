@@ -70,7 +70,7 @@ from zoompipe.synthetic import REGIONS_MPP, write_cohort
 from zoompipe.slide import open_slide
 from zoompipe.tiling import tile_slide
 from zoompipe.train import train_model
-from zoompipe.train_defaults import DEFAULT_LEVEL_DROPOUT, DEFAULT_ZOOM_TARGET_WEIGHT
+from zoompipe.train_defaults import DEFAULT_LEVEL_DROPOUT, DEFAULT_SELECTION, DEFAULT_ZOOM_TARGET_WEIGHT, SELECTIONS
 
 CASCADE = [1.25, 2.5, 10.0]
 
@@ -197,8 +197,9 @@ def train_fold(method: Method, fold_csv: Path, features: Path, labels_csv: Path,
 
 def same_run(summary: dict[str, Any], run_splits: Path, fold_csv: Path, settings: dict[str, Any]) -> bool:
     """Whether a finished run was trained on the split of ``fold_csv`` with ``settings``."""
-    # ZoomMIL runs from before level dropout existed were trained without it.
-    older = {"level_dropout": 0.0} if summary["architecture"] == "zoommil" else {}
+    # ZoomMIL runs from before level dropout and the selection choice were trained without
+    # dropout and with soft selection.
+    older = {"level_dropout": 0.0, "selection": "soft"} if summary["architecture"] == "zoommil" else {}
     recorded = {**older, **summary["model"], **summary["training"]}
     return (run_splits.read_text() == fold_csv.read_text()
             and all(recorded[name] == value for name, value in settings.items() if name in recorded))
@@ -415,6 +416,8 @@ def main() -> None:
                         help="the zooming models' zoom target weight (0: the perturbed top-K alone)")
     parser.add_argument("--level-dropout", type=float, default=DEFAULT_LEVEL_DROPOUT,
                         help="the zooming models' level dropout (0: the paper's training)")
+    parser.add_argument("--selection", choices=SELECTIONS, default=DEFAULT_SELECTION,
+                        help="the zooming models' bags above the zoom heads in training")
     parser.add_argument("--jobs", type=int, default=2, help="processes writing the cohort")
     parser.add_argument("--workers", type=int, default=2, help="patch reader threads")
     parser.add_argument("--precision", default="auto", help="encoder precision, for preprocess and predict alike")
@@ -442,7 +445,7 @@ def main() -> None:
 
     fixed = {"epochs": args.epochs, "attn_hidden": args.attn_hidden, "hidden": args.hidden, "seed": args.seed,
              "level_dropout": args.level_dropout, "zoom_target_weight": args.zoom_target_weight,
-             "device": args.device}
+             "selection": args.selection, "device": args.device}
     predict_options = ["--workers", str(args.workers), "--device", args.device, "--precision", args.precision]
     per_fold: dict[str, list[dict]] = {m.name: [] for m in METHODS}
     t0 = time.perf_counter()
@@ -498,7 +501,8 @@ def main() -> None:
         "grid": {"lrs": args.lrs, "ks": args.ks, "hiddens": args.hiddens, "selection": "best validation weighted F1, "
                  "then lower validation loss, per method and fold"},
         "epochs": args.epochs, "hidden_zooming": args.hidden, "attn_hidden": args.attn_hidden,
-        "level_dropout": args.level_dropout, "zoom_target_weight": args.zoom_target_weight, "encoder": PreprocessConfig().encoder, "precision": args.precision, "encoder_gflops_per_patch": gflops,
+        "level_dropout": args.level_dropout, "zoom_target_weight": args.zoom_target_weight,
+        "selection": args.selection, "encoder": PreprocessConfig().encoder, "precision": args.precision, "encoder_gflops_per_patch": gflops,
         "timings": timings, "ratios": ratios, "methods": results,
     }
     summary["targets"] = [{"target": t, "met": bool(met), "measured": measured}

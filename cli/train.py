@@ -10,8 +10,10 @@ from zoompipe.train_defaults import (
     DEFAULT_K,
     DEFAULT_LEVEL_DROPOUT,
     DEFAULT_MAX_GRAD_NORM,
+    DEFAULT_SELECTION,
     DEFAULT_SIGMA_END,
     DEFAULT_ZOOM_TARGET_WEIGHT,
+    SELECTIONS,
 )
 
 from .options import mask_dir_option, parse_magnifications
@@ -52,6 +54,10 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
 @click.option("--level-dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=DEFAULT_LEVEL_DROPOUT,
               help="ZoomMIL: chance of dropping each lower magnification's pooled vector from the classifier's sum "
                    "in a training step, so that the low magnifications cannot memorise the slides; 0: the paper's.")
+@click.option("--selection", type=click.Choice(SELECTIONS), default=DEFAULT_SELECTION, show_default=True,
+              help="ZoomMIL: how training builds the bag above a zoom head. soft: the paper's rows that mix the "
+                   "children of several parents; straight_through: the real children of the K likeliest patches, "
+                   "as at prediction, with the gradient of the soft selection.")
 @click.option("--max-grad-norm", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MAX_GRAD_NORM,
               help="Clip each step's gradient norm to this value.")
 @click.option("--epochs", type=click.IntRange(min=1), default=100, help="Maximum epochs.")
@@ -85,7 +91,8 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
               help="Go on from the last finished epoch of a stopped run in OUT (same settings and split), to the "
                    "model an unstopped run gives; its state is kept in OUT/resume/ after every epoch.")
 def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, architecture, magnifications, k, hidden,
-                  attn_hidden, sigma, sigma_end, zoom_target_weight, level_dropout, max_grad_norm, epochs, lr,
+                  attn_hidden, sigma, sigma_end, zoom_target_weight, level_dropout, selection, max_grad_norm, epochs,
+                  lr,
                   weight_decay, seed, split_seed, device, patience, cache, sparse, slides, cache_dir, encoder_weights,
                   precision, runtime, batch_size, workers, backend, mask_dir, resume) -> None:
     """Train a model; keep the epoch with the best validation weighted F1.
@@ -107,7 +114,7 @@ def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, architect
                           fold=fold,
                           magnifications=magnifications, k=k, hidden=hidden,
                           attn_hidden=attn_hidden, sigma=sigma, sigma_end=sigma_end,
-                          zoom_target_weight=zoom_target_weight, level_dropout=level_dropout,
+                          zoom_target_weight=zoom_target_weight, level_dropout=level_dropout, selection=selection,
                           max_grad_norm=max_grad_norm,
                           epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed,
                           split_seed=split_seed, device=device, patience=patience,

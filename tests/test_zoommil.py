@@ -9,6 +9,7 @@ import torch
 from zoompipe.evaluate import predict_logits
 from zoompipe.model import ZoomMIL, ZoomMILConfig
 from zoompipe.model.attention import masked_softmax
+from zoompipe.model.topk import normalise_scores
 from zoompipe.train import balanced_sampler, train_one_epoch
 
 DIM = 32
@@ -175,6 +176,52 @@ def test_soft_path_tends_to_the_hard_path_and_trains_the_zoom_heads() -> None:
     torch.nn.functional.cross_entropy(logits[None], torch.tensor([label])).backward()
     for level in model.levels[:2]:
         assert level.zoom.score.weight.grad.abs().sum() > 0
+
+
+def test_straight_through_bags_are_the_real_children_of_the_likeliest_k() -> None:
+    bags, children, label = make_slides(1, seed=7)[0]
+    seen = []
+
+    def capture(module, inputs):
+        seen.append(inputs[0])
+
+    def forward(selection: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model = _model(dropout=0.0, level_dropout=0.0, zoom_target_weight=0.0, selection=selection).train()
+        model.select.sigma = 0.3  # noisy: the samples disagree on the top K
+        handles = [level.project.register_forward_pre_hook(capture) for level in model.levels]
+        seen.clear()
+        torch.manual_seed(1)
+        logits = model(bags, children).logits
+        for handle in handles:
+            handle.remove()
+        torch.nn.functional.cross_entropy(logits[None], torch.tensor([label])).backward()
+        return model, list(seen)
+
+    def real_rows(rows: torch.Tensor, bag: torch.Tensor) -> torch.Tensor:
+        """Whether each row equals some row of ``bag`` exactly (a real patch, or zero padding)."""
+        exact = (rows[:, None, :] == bag[None]).all(dim=-1).any(dim=1)
+        return exact | (rows == 0).all(dim=-1)
+
+    model, seen = forward("straight_through")
+    assert len(seen) == 3
+    for level in (1, 2):
+        assert real_rows(seen[level], bags[level]).all()
+    # The 2.5x bag is the children of the K base patches that the noise samples pick most often.
+    torch.manual_seed(1)
+    torch.rand(())  # the level dropout's draw comes first
+    z = model.levels[0].project(bags[0])
+    scores = normalise_scores(model.levels[0].zoom(z)[None], torch.ones(1, len(z), dtype=torch.bool))
+    noise = torch.randn(1, model.select.n_samples, len(z))
+    picks = (scores.unsqueeze(1) + 0.3 * noise).topk(4, dim=-1).indices.flatten()
+    counts = torch.bincount(picks, minlength=len(z))
+    likeliest = counts.topk(4).indices
+    assert counts[likeliest].min() > counts.sort(descending=True).values[4]  # no tie at the K-th
+    expected = bags[1][children[0][likeliest].flatten()]
+    assert real_rows(expected, seen[1]).all() and real_rows(seen[1][(seen[1] != 0).any(dim=-1)], expected).all()
+    for level in model.levels[:2]:  # the zoom heads still learn from the soft selection
+        assert level.zoom.score.weight.grad.abs().sum() > 0
+    _, seen = forward("soft")  # the paper's rows mix several parents' children: not real patches
+    assert not real_rows(seen[1], bags[1]).all()
 
 
 def test_level_dropout_drops_lower_magnifications_in_training_only() -> None:

@@ -37,6 +37,7 @@ from zoompipe.train_defaults import (
     DEFAULT_K,
     DEFAULT_LEVEL_DROPOUT,
     DEFAULT_MAX_GRAD_NORM,
+    DEFAULT_SELECTION,
     DEFAULT_SIGMA_END,
     DEFAULT_ZOOM_TARGET_WEIGHT,
 )
@@ -137,6 +138,7 @@ def train_model(
     sigma_end: float = DEFAULT_SIGMA_END,
     zoom_target_weight: float = DEFAULT_ZOOM_TARGET_WEIGHT,
     level_dropout: float = DEFAULT_LEVEL_DROPOUT,
+    selection: str = DEFAULT_SELECTION,
     max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM,
     epochs: int = 100,
     lr: float = 1e-4,
@@ -191,6 +193,9 @@ def train_model(
     level_dropout : float
         ZoomMIL: probability of dropping each lower magnification's pooled vector from the
         classifier's sum in a training step (``ZoomMILConfig.level_dropout``); 0: the paper's.
+    selection : str
+        ZoomMIL: ``"soft"`` (the paper's mixed bags) or ``"straight_through"`` (real children of
+        the likeliest K, gradient of the soft selection; ``ZoomMILConfig.selection``).
     max_grad_norm : float, optional
         Gradient norm clipping per step; None turns it off.
     epochs : int
@@ -290,7 +295,8 @@ def train_model(
         reused = {name: data.cached_counts() for name, data in (("train", train_set), ("val", val_set))}
 
     hyper = {"k": k, "hidden": hidden, "attn_hidden": attn_hidden, "sigma": sigma,
-             "zoom_target_weight": zoom_target_weight, "level_dropout": level_dropout}
+             "zoom_target_weight": zoom_target_weight, "level_dropout": level_dropout,
+             "selection": selection}
     fields = config_fields(architecture)
     model = create_model(architecture, in_dim=in_dim, n_classes=len(class_names), magnifications=mags,
                          **{name: value for name, value in hyper.items() if name in fields}).to(device)

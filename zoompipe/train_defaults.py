@@ -18,3 +18,7 @@ DEFAULT_ZOOM_TARGET_WEIGHT = 1.0
 #: Probability of dropping each lower magnification's pooled vector from ZoomMIL's sum, per
 #: training step (``ZoomMILConfig.level_dropout``); 0 is the paper's training.
 DEFAULT_LEVEL_DROPOUT = 0.5
+
+#: How ZoomMIL's training builds the bags above its zoom heads (``ZoomMILConfig.selection``).
+SELECTIONS = ("soft", "straight_through")
+DEFAULT_SELECTION = "soft"

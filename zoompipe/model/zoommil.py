@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from zoompipe.model.attention import GatedAttention, masked_softmax
 from zoompipe.model.output import ModelOutput as ZoomOutput
 from zoompipe.model.registry import register_model
-from zoompipe.train_defaults import DEFAULT_LEVEL_DROPOUT, DEFAULT_ZOOM_TARGET_WEIGHT
+from zoompipe.train_defaults import DEFAULT_LEVEL_DROPOUT, DEFAULT_SELECTION, DEFAULT_ZOOM_TARGET_WEIGHT, SELECTIONS
 from zoompipe.model.topk import PerturbedTopK, topk_indices
 
 #: ``fetch_children(step, parents) -> (features, rows)``. ``parents`` holds the global rows,
@@ -126,6 +126,12 @@ class ZoomMILConfig:
         vector alone classified at chance, and validation loss rose from the first epochs.
         With 0.5 validation loss fell steadily instead (README, the zoom benchmark). 0 is the
         paper's training.
+    selection : str
+        How training builds the bag above a zoom head. ``"soft"`` (the paper): row k is the
+        expected k-th selected patch over the noise samples, so rows mix the children of
+        several parents. ``"straight_through"``: the rows are the real children of the K
+        patches the noise samples select most often, as at inference, while the gradient
+        still flows through the perturbed top-K's estimate (straight-through estimator).
     """
 
     in_dim: int
@@ -139,6 +145,7 @@ class ZoomMILConfig:
     sigma: float = 0.05
     zoom_target_weight: float = DEFAULT_ZOOM_TARGET_WEIGHT
     level_dropout: float = DEFAULT_LEVEL_DROPOUT
+    selection: str = DEFAULT_SELECTION
 
     def __post_init__(self) -> None:
         self.magnifications = [float(m) for m in self.magnifications]
@@ -156,6 +163,8 @@ class ZoomMILConfig:
             raise ValueError(f"zoom_target_weight must be >= 0, got {self.zoom_target_weight}")
         if not 0 <= self.level_dropout < 1:
             raise ValueError(f"level_dropout must lie in [0, 1), got {self.level_dropout}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
 
     def resolve_k(self, n_base: int) -> int:
         """Patches to select at each step for a slide with ``n_base`` base patches."""
@@ -321,7 +330,7 @@ class ZoomMIL(nn.Module):
         # magnification. A hard selection makes `mix` a 0/1 matrix and this is a plain gather.
         features, weights = h0, None
         k = self.config.resolve_k(len(h0))
-        mix = parents = None
+        mix = parents = reach = None
         pooled = h0.new_zeros(self.config.hidden)
         for step, level in enumerate(self.levels):
             z = level.project(features)
@@ -334,9 +343,11 @@ class ZoomMIL(nn.Module):
             if level.zoom is None:
                 break
             mask = None if weights is None else (weights > 0)[None]
-            selector = self.select(level.zoom(z)[None], k, mask)[0]  # (K, n_rows)
+            soft = self.select(level.zoom(z)[None], k, mask)[0]  # (K, n_rows)
+            selector = _straight_through(soft) if self.config.selection == "straight_through" else soft
             if mix is None:
                 mix, parents = selector, torch.arange(len(features), device=features.device)
+                reach = soft.detach()
             else:
                 # Selecting soft rows (j, c) of this bag mixes the c-th children of the
                 # previous parents: the new parents are those children, in (a, c) order.
@@ -344,10 +355,15 @@ class ZoomMIL(nn.Module):
                 mix = torch.einsum(
                     "kjc,ja->kac", selector.view(len(selector), n_prev, -1), mix
                 ).flatten(1)
+                reach = torch.einsum(
+                    "kjc,ja->kac", soft.detach().view(len(soft), n_prev, -1), reach
+                ).flatten(1)
                 parents = children[step - 1][parents].flatten()
-            # Drop parents that are padding or carry no weight: they contribute nothing.
-            keep = (parents >= 0) & (mix.detach() != 0).any(dim=0)
-            mix, parents = mix[:, keep], parents[keep]
+            # Drop parents that are padding or that no noise sample reaches: they contribute
+            # nothing, not even gradient (a straight-through mix is 0 on parents that the soft
+            # selection reaches, and their children carry its gradient).
+            keep = (parents >= 0) & (reach != 0).any(dim=0)
+            mix, parents, reach = mix[:, keep], parents[keep], reach[:, keep]
             child_rows = children[step][parents]
             needed, local = torch.unique(child_rows[child_rows >= 0], return_inverse=True)
             if len(needed):
@@ -429,6 +445,17 @@ class ZoomMIL(nn.Module):
                 reduction="sum",
             )
         return loss
+
+
+def _straight_through(soft: Tensor) -> Tensor:
+    """The hard selector of the K entries most often selected, with the gradient of ``soft``.
+
+    ``soft`` (K, N) is a perturbed top-K selector; its column sums are each entry's chance of
+    being selected. The value returned is exactly the one-hot selector of the K likeliest
+    entries, ordered by position as :func:`topk_indices` orders them.
+    """
+    hard = F.one_hot(topk_indices(soft.detach().sum(dim=0), len(soft)), soft.shape[-1]).to(soft.dtype)
+    return hard + (soft - soft.detach())
 
 
 def _mix_children(mix: Tensor, child_rows: Tensor, features: Tensor) -> tuple[Tensor, Tensor]:
