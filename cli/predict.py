@@ -44,20 +44,16 @@ def predict_command(slides, run_dir, out_dir, heatmap, geojson, profile, mask_di
     grows slide by slide. A failing slide gets a one-line error and the others go on; the exit
     status is 1 if any slide failed.
     """
-    from zoompipe.engine import ZoomPredictor
     from zoompipe.predict import demo_run_dir, predict_slides, profile_table
+    from zoompipe.predictor_settings import PredictorSettings
 
     if run_dir is None:
         run_dir = demo_run_dir()
         click.echo(f"using the demo model ({run_dir}); it was trained on synthetic slides", err=True)
-    predictor = ZoomPredictor(run_dir, device=device, precision=precision, runtime=runtime,
-                              encoder_weights=encoder_weights, batch_size=batch_size, workers=workers,
-                              mask_dir=mask_dir)
-    if profile:
-        used = predictor.encoder_report
-        click.echo(f"encoder {used['name']}: {used['precision']} on {used['runtime']} "
-                   f"(training features: {used['training_precision'] or 'not recorded'})", err=True)
-    outcomes = predict_slides(slides, predictor, out_dir, heatmap=heatmap, geojson=geojson, mpp=mpp,
+    settings = PredictorSettings(Path(run_dir), device=device, precision=precision, runtime=runtime,
+                                 encoder_weights=encoder_weights, batch_size=batch_size, workers=workers,
+                                 mask_dir=mask_dir)
+    outcomes = predict_slides(slides, settings, out_dir, heatmap=heatmap, geojson=geojson, mpp=mpp,
                               mpp_csv=mpp_csv, backend=backend, progress=profile, cluster=cluster)
     for outcome in outcomes:
         p = outcome.prediction

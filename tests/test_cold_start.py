@@ -39,7 +39,12 @@ def test_info_imports_no_torch(tmp_path):
     assert run_probe("info", str(slide)) == {"code": 0, "loaded": []}
 
 
-def test_predict_does_load_torch():
-    # The probe sees imports: a command that needs torch shows it (here, failing on a missing model).
+def test_predict_refuses_a_missing_run_before_torch_and_loads_torch_to_predict(tmp_path):
+    # The run's config.json is read first, without torch; the model loads beside the tissue.
     result = run_probe("predict", "missing.svs", "--model", "no_such_run")
-    assert result["code"] == 1 and "torch" in result["loaded"]  # a run that cannot load fails (exit 1)
+    assert result == {"code": 1, "loaded": []}
+    slide = tmp_path / "small.svs"
+    write_synthetic_slide(slide, 4096, 3072, mpp=0.5)
+    # The probe sees imports: a command that needs torch shows it.
+    result = run_probe("predict", str(slide), "--out", str(tmp_path / "out"), "--precision", "fp32")
+    assert result["code"] == 0 and "torch" in result["loaded"]

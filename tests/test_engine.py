@@ -168,14 +168,26 @@ def test_predict_real_aperio_slide_with_the_demo_model(cmu_slide, tmp_path):
     assert cv2.imread(str(tmp_path / "CMU-1-Small-Region_panel.png")) is not None
 
 
-def test_predict_refuses_a_pickled_checkpoint_in_one_line(tmp_path):
+def test_predict_refuses_a_pickled_checkpoint_in_one_line(preprocessed, tmp_path):
+    slide, features_path = preprocessed
     run = tmp_path / "run"
-    model = ZoomMIL(ZoomMILConfig(in_dim=1280, n_classes=2, magnifications=[1.25], hidden=8, attn_hidden=4))
-    save_run(run, model, "zoommil", ["a", "b"], None)
+    model = ZoomMIL(ZoomMILConfig(in_dim=1280, n_classes=2, magnifications=[2.5], hidden=8, attn_hidden=4))
+    save_run(run, model, "zoommil", ["a", "b"], agreed_contract([features_path]))
     torch.save(model.state_dict(), run / "model.safetensors")  # a pickle under the safetensors name
-    result = CliRunner().invoke(cli, ["predict", "whatever.svs", "--model", str(run)])
+    copy = tmp_path / "second.svs"
+    shutil.copy(slide, copy)
+    out = tmp_path / "out"
+    # The model loads while the first slide's tissue is found; its fault is the run's, not the
+    # slide's: the batch stops at once instead of failing every slide in turn.
+    result = CliRunner().invoke(cli, ["predict", str(slide), str(copy), "--model", str(run), "--out", str(out)])
     assert result.exit_code == 1
     assert result.output.startswith("error: ") and "pickle" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not list((out / "status").glob("*.json")) and not (out / "predictions.csv").exists()
+    # A run whose features were not made by zoompipe is refused before any slide is opened.
+    save_run(run, model, "zoommil", ["a", "b"], None)
+    result = CliRunner().invoke(cli, ["predict", "whatever.svs", "--model", str(run)])
+    assert result.exit_code == 1 and "CLAM/TRIDENT" in result.output
     assert len(result.output.strip().splitlines()) == 1
 
 

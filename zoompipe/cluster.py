@@ -314,7 +314,7 @@ def predict_on_cluster(paths: Sequence[SlideSource], settings: Any, out: Path, h
                        mpp: float | None, overrides: dict[str, float], backend: str, class_names: Sequence[str],
                        cluster: str | ClusterSpec | Client, progress: bool = True) -> list[PredictOutcome]:
     """:func:`zoompipe.predict.predict_slides` over a cluster; ``settings`` is a
-    :class:`~zoompipe.engine.PredictorSettings`."""
+    :class:`~zoompipe.predictor_settings.PredictorSettings`."""
     out.mkdir(parents=True, exist_ok=True)
     table = _Table(out)
     paths = [_absolute(s) for s in paths]

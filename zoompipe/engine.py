@@ -14,7 +14,6 @@ and runtime are this machine's choice, not the run's.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +25,11 @@ from .encoders import Encoder, create_encoder
 from .errors import CheckpointError
 from .grid import PatchGrid
 from .model import load_run
+from .predictor_settings import PredictorSettings
 from .prediction import MagnificationReport, Prediction
+from .run_config import predict_contract
 from .slide import Slide, open_slide
-from .tiling import cascade_tiles, check_mask_dir, tile_slide
+from .tiling import SlideTiles, cascade_tiles, check_mask_dir, tile_slide
 from .tissue import TissueMask
 
 
@@ -43,23 +44,6 @@ def contract_encoder(contract: PipelineContract, weights: str | None = None, dev
     expected = encoder.weights if encoder.weights.startswith("sha256:") else None
     return create_encoder(encoder.name, weights=weights, device=device, precision=precision, runtime=runtime,
                           expect_weights=expected)
-
-
-@dataclass(frozen=True)
-class PredictorSettings:
-    """What a :class:`ZoomPredictor` is built from: a worker of a cluster builds its own from it."""
-
-    run_dir: Path
-    device: str = "cpu"
-    precision: str = "auto"
-    runtime: str = "auto"
-    encoder_weights: str | None = None
-    batch_size: int = 32
-    workers: int = 2
-    mask_dir: str | Path | None = None
-
-    def build(self) -> ZoomPredictor:
-        return ZoomPredictor(**{f.name: getattr(self, f.name) for f in fields(self)})
 
 
 class ZoomPredictor:
@@ -99,10 +83,7 @@ class ZoomPredictor:
                                           workers, mask_dir)
         self.run_dir = Path(run_dir)
         self.model, self.config = load_run(self.run_dir, device=device)
-        if self.config.pipeline is None:
-            raise CheckpointError(f"{self.run_dir}: the model was trained on CLAM/TRIDENT features, which do not "
-                                  "record how their patches were made; predict needs features from zoompipe preprocess")
-        self.pipeline = self.config.pipeline
+        self.pipeline = predict_contract(self.config, self.run_dir)
         check_mask_dir(self.pipeline, mask_dir)
         self.mask_dir = mask_dir
         self.model_magnifications = [float(m) for m in self.model.config.magnifications]
@@ -166,11 +147,18 @@ class ZoomPredictor:
         with open_slide(path, backend=backend, mpp=mpp) as slide:
             return self.predict_slide(slide, progress=progress)[0]
 
-    def predict_slide(self, slide: Slide, progress: bool = False) -> tuple[Prediction, TissueMask]:
-        """Classify an open slide; also return its tissue mask, for heatmaps."""
+    def predict_slide(self, slide: Slide, progress: bool = False, tiles: SlideTiles | None = None,
+                      tissue_seconds: float = 0.0) -> tuple[Prediction, TissueMask]:
+        """Classify an open slide; also return its tissue mask, for heatmaps.
+
+        ``tiles``: the slide's tissue and base grid as the run's contract makes them
+        (:func:`~zoompipe.tiling.tile_slide`), when the caller made them already, in
+        ``tissue_seconds`` (counted in the prediction's timings).
+        """
         timings: dict[str, float] = {}
-        start = time.perf_counter()
-        tiles = tile_slide(slide, self.pipeline, self.mask_dir)
+        start = time.perf_counter() - tissue_seconds
+        if tiles is None:
+            tiles = tile_slide(slide, self.pipeline, self.mask_dir)
         layout = cascade_tiles(tiles, self.pipeline.grid)
         timings["tissue"] = time.perf_counter() - start
         mags = self.model_magnifications

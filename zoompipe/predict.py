@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -21,16 +22,19 @@ from .atomic import atomic_path, write_text
 from .errors import CheckpointError, UsageError, ZoompipeError, describe_failure, one_line
 from .heatmap import MAX_SIDE, write_heatmaps
 from .prediction import Prediction
+from .predictor_settings import PredictorSettings
 from .qc import write_geojson
+from .run_config import predict_contract, read_run_config
 from .run_status import SlideStatus, check_unique_ids, write_record, write_table
-from .slide import SlideSource, load_mpp_overrides, open_slide, slide_source
-from .tiling import tile_slide
+from .slide import Slide, SlideSource, load_mpp_overrides, open_slide, slide_source
+from .tiling import SlideTiles, check_mask_dir, tile_slide
 
 if TYPE_CHECKING:  # the engine loads torch; saved predictions and heatmaps do without it
     from distributed import Client
 
     from .cluster import ClusterSpec
     from .engine import ZoomPredictor
+    from .tissue import TissueMask
 
 DEMO_MODEL = "demo_model"
 
@@ -82,6 +86,47 @@ def redraw_heatmaps(prediction_path: str | Path, slide_path: str | Path | SlideS
         return write_heatmaps(prediction, slide, mask, out_dir, max_side=max_side)
 
 
+class BackgroundPredictor:
+    """A :class:`~zoompipe.engine.ZoomPredictor` that loads in a background thread.
+
+    Loading does not need the slide (importing torch, the model, the encoder's compiled graph:
+    about 2 s of a cold ``zoompipe predict`` on a 2-core CPU), and a slide's tissue and base grid
+    do not need the model, only the run's ``config.json``: the first slide's tissue
+    segmentation runs while the predictor loads. It predicts as the predictor it wraps.
+
+    Raises
+    ------
+    CheckpointError, UsageError
+        At once, for what ``config.json`` says is wrong (a missing run, features made without
+        zoompipe, mask folders that do not match); the rest of the run folder, at the first
+        prediction.
+    """
+
+    def __init__(self, settings: PredictorSettings) -> None:
+        self.settings = settings
+        config = read_run_config(settings.run_dir)
+        self.pipeline = predict_contract(config, settings.run_dir)
+        check_mask_dir(self.pipeline, settings.mask_dir)
+        self.class_names = list(config.class_names)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zoompipe-load")
+        self._loading = pool.submit(settings.build)
+        pool.shutdown(wait=False)
+
+    @property
+    def predictor(self) -> ZoomPredictor:
+        """The loaded predictor, once it is loaded."""
+        return self._loading.result()
+
+    def predict_slide(self, slide: Slide, progress: bool = False,
+                      tiles: SlideTiles | None = None) -> tuple[Prediction, TissueMask]:
+        """As :meth:`zoompipe.engine.ZoomPredictor.predict_slide`; the tissue is found while the predictor loads."""
+        start = time.perf_counter()
+        if tiles is None:
+            tiles = tile_slide(slide, self.pipeline, self.settings.mask_dir)
+        seconds = time.perf_counter() - start
+        return self.predictor.predict_slide(slide, progress=progress, tiles=tiles, tissue_seconds=seconds)
+
+
 @dataclass
 class PredictOutcome:
     """One slide of a batch: its prediction, or the one-line reason it failed."""
@@ -91,17 +136,24 @@ class PredictOutcome:
     error: str = ""
 
 
-def predict_one(source: SlideSource, predictor: ZoomPredictor, out: Path | None, heatmap: bool = False,
+def predict_one(source: SlideSource, predictor: ZoomPredictor | BackgroundPredictor, out: Path | None, heatmap: bool = False,
                 geojson: bool = False, mpp: float | None = None, backend: str = "auto",
                 progress: bool = False) -> PredictOutcome:
     """One slide of a batch: its prediction and outputs, or the one-line reason it failed.
 
     With ``out``, the slide's files and its status record are written there.
+
+    Raises
+    ------
+    CheckpointError, UsageError
+        The run, not the slide, is wrong: every slide would fail the same way.
     """
     start = time.perf_counter()
     try:
         outcome = PredictOutcome(source, _predict_one(source, predictor, out, heatmap, geojson, mpp, backend,
                                                       progress))
+    except (CheckpointError, UsageError):
+        raise
     except Exception as err:  # one bad slide must not stop a batch
         outcome = PredictOutcome(source, error=source.scrub(describe_failure(err, source)))
     if out is not None:
@@ -111,7 +163,8 @@ def predict_one(source: SlideSource, predictor: ZoomPredictor, out: Path | None,
     return outcome
 
 
-def predict_slides(paths: Sequence[str | Path | SlideSource], predictor: ZoomPredictor,
+def predict_slides(paths: Sequence[str | Path | SlideSource],
+                   predictor: ZoomPredictor | BackgroundPredictor | PredictorSettings,
                    out_dir: str | Path | None = None,
                    heatmap: bool = False, geojson: bool = False, mpp: float | None = None,
                    mpp_csv: str | None = None, backend: str = "auto", progress: bool = False,
@@ -122,6 +175,9 @@ def predict_slides(paths: Sequence[str | Path | SlideSource], predictor: ZoomPre
 
     Parameters
     ----------
+    predictor : ZoomPredictor, BackgroundPredictor or PredictorSettings
+        Settings give a :class:`BackgroundPredictor`: the first slide's tissue is segmented
+        while the model loads.
     cluster : str, ClusterSpec or dask.distributed.Client, optional
         Run one task per slide on a Dask cluster (:func:`zoompipe.cluster.parse_cluster`). Each
         worker process builds its own predictor from ``predictor.settings`` once and keeps it,
@@ -133,6 +189,8 @@ def predict_slides(paths: Sequence[str | Path | SlideSource], predictor: ZoomPre
     UsageError
         Two slides with the same id, an unreadable mpp table (before any slide is read), or a
         cluster run without ``out_dir``.
+    CheckpointError
+        A run folder that cannot predict: it concerns every slide, so the batch stops.
     """
     sources = [slide_source(p) for p in paths]
     check_unique_ids(sources)
@@ -144,10 +202,14 @@ def predict_slides(paths: Sequence[str | Path | SlideSource], predictor: ZoomPre
         from .cluster import parse_cluster, predict_on_cluster
 
         cluster = parse_cluster(cluster) if isinstance(cluster, str) else cluster
-
-        return predict_on_cluster(sources, predictor.settings, out, heatmap=heatmap, geojson=geojson, mpp=mpp,
-                                  overrides=overrides, backend=backend, class_names=predictor.class_names,
+        settings = predictor if isinstance(predictor, PredictorSettings) else predictor.settings
+        class_names = (read_run_config(settings.run_dir).class_names if isinstance(predictor, PredictorSettings)
+                       else predictor.class_names)
+        return predict_on_cluster(sources, settings, out, heatmap=heatmap, geojson=geojson, mpp=mpp,
+                                  overrides=overrides, backend=backend, class_names=class_names,
                                   cluster=cluster, progress=progress)
+    if isinstance(predictor, PredictorSettings):
+        predictor = BackgroundPredictor(predictor)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     outcomes: list[PredictOutcome] = []
@@ -163,7 +225,7 @@ def predict_slides(paths: Sequence[str | Path | SlideSource], predictor: ZoomPre
     return outcomes
 
 
-def _predict_one(source: SlideSource, predictor: ZoomPredictor, out: Path | None, heatmap: bool, geojson: bool,
+def _predict_one(source: SlideSource, predictor: ZoomPredictor | BackgroundPredictor, out: Path | None, heatmap: bool, geojson: bool,
                  mpp: float | None, backend: str, progress: bool) -> Prediction:
     with open_slide(source, backend=backend, mpp=mpp) as slide:
         prediction, mask = predictor.predict_slide(slide, progress=progress)
@@ -194,7 +256,10 @@ def write_predictions_csv(path: Path, outcomes: Sequence[PredictOutcome], class_
 
 def profile_table(prediction: Prediction) -> str:
     """Seconds per stage and patches per magnification, against a full read of the top magnification."""
-    lines = [f"{'stage':<16}{'seconds':>10}{'patches':>10}"]
+    used = prediction.encoder
+    lines = [f"encoder {used.get('name')}: {used.get('precision')} on {used.get('runtime')} "
+             f"(training features: {used.get('training_precision') or 'not recorded'})",
+             f"{'stage':<16}{'seconds':>10}{'patches':>10}"]
     lines.append(f"{'tissue + grid':<16}{prediction.timings.get('tissue', 0):>10.3f}{'':>10}")
     for report in prediction.magnifications:
         lines.append(f"{'embed ' + format(report.magnification, 'g') + 'x':<16}{report.seconds:>10.3f}"

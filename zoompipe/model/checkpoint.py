@@ -12,51 +12,21 @@ import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from zoompipe import __version__
 from zoompipe.atomic import atomic_path, write_text
-from zoompipe.contract import PipelineContract, Versioned
-from zoompipe.errors import CheckpointError, ContractError, ZoompipeError, one_line
+from zoompipe.contract import PipelineContract
+from zoompipe.errors import CheckpointError, ZoompipeError, one_line
 from zoompipe.model.registry import create_model
-
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
+from zoompipe.run_config import CONFIG_NAME, WEIGHTS_NAME, RunConfig, read_run_config, require_file
 
 # torch.save writes a zip archive; plain pickles start with the PROTO opcode.
 _PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
-
-
-class RunConfig(Versioned):
-    """The content of a run's ``config.json``.
-
-    Attributes
-    ----------
-    architecture : str
-        Registered model name (:func:`~zoompipe.model.registry.list_models`).
-    model : dict
-        Its hyper-parameters, validated by the architecture's own config class.
-    class_names : list of str
-        Class of each output, in order.
-    pipeline : PipelineContract or None
-        How the training features were made; None for CLAM/TRIDENT features, which cannot be
-        redone from raw slides.
-    zoompipe_version : str
-        The version that wrote the run.
-    """
-
-    what: ClassVar[str] = "run config"
-    redo: ClassVar[str] = "train the run again with this zoompipe"
-    architecture: str
-    model: dict[str, Any]
-    class_names: list[str]
-    pipeline: PipelineContract | None
-    zoompipe_version: str = __version__
 
 
 class Run(NamedTuple):
@@ -130,9 +100,7 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> 
         or the weights do not fit the configuration.
     """
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run folder {run_dir} does not exist")
-    config = _read_config(run_dir / CONFIG_NAME)
+    config = read_run_config(run_dir)
     try:
         model = create_model(config.architecture, **config.model)
     except ZoompipeError as exc:
@@ -148,27 +116,8 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> 
     return Run(model.to(device).eval(), config)
 
 
-def _require_file(path: Path) -> None:
-    if not path.is_file():
-        raise CheckpointError(
-            f"{path} is missing; a run folder holds {CONFIG_NAME} and {WEIGHTS_NAME}"
-        )
-
-
-def _read_config(path: Path) -> RunConfig:
-    _require_file(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} cannot be read ({one_line(exc)})") from None
-    try:
-        return RunConfig.from_json(text, path)
-    except ContractError as exc:
-        raise CheckpointError(str(exc)) from None
-
-
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    _require_file(path)
+    require_file(path)
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as exc:
