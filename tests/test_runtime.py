@@ -15,7 +15,7 @@ from torch import nn
 
 from zoompipe.encoders import EncoderConfig, create_encoder, register_encoder
 from zoompipe.encoders.encoder import resolve_precision
-from zoompipe.encoders.runtime import TOLERANCE, resolve_runtime
+from zoompipe.encoders.runtime import TOLERANCE, OpenVinoForward, resolve_runtime
 from zoompipe.errors import ZoompipeError
 from zoompipe.slide import open_slide
 from zoompipe.synthetic import write_synthetic_slide
@@ -72,6 +72,24 @@ def test_graph_is_exported_once_per_weights(tmp_path, monkeypatch, weights_files
     save_file(other, tmp_path / "other.safetensors")
     assert create_encoder("timm:resnet18", weights=tmp_path / "other.safetensors", runtime="openvino").exported
     assert len(list(tmp_path.rglob("*.onnx"))) == 2
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+
+
+def test_the_compiled_model_is_kept_for_the_next_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZOOMPIPE_CACHE_DIR", str(tmp_path))
+    first = create_encoder(runtime="openvino")  # exports and checks: nothing compiled is kept yet
+    assert first.exported and not list(tmp_path.rglob("*.blob"))
+    graph = first.graph.graph
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    compiled = OpenVinoForward(graph, 2)
+    (blob,) = tmp_path.rglob("*.blob")
+    stamp, size = (blob.stat().st_mtime_ns, blob.stat().st_ino), blob.stat().st_size
+    imported = OpenVinoForward(graph, 2)  # imported from the blob, not compiled again
+    assert (blob.stat().st_mtime_ns, blob.stat().st_ino) == stamp
+    torch.testing.assert_close(imported(x), compiled(x), rtol=0, atol=0)
+    blob.write_bytes(blob.read_bytes()[: size // 2])  # a damaged blob is compiled anew, and replaced
+    torch.testing.assert_close(OpenVinoForward(graph, 2)(x), compiled(x), rtol=0, atol=0)
+    assert blob.stat().st_size == size
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
 
 

@@ -82,6 +82,23 @@ def test_backends_agree_on_jpeg_slide(tmp_path):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
 
 
+@pytest.mark.parametrize("which", ["synthetic", "cmu"])
+def test_auto_reads_aperio_with_tiffslide_pixel_for_pixel(tmp_path, request, which):
+    if which == "cmu":
+        slide_path, x, y = request.getfixturevalue("cmu_slide"), 900, 1300
+    else:
+        slide_path, x, y = tmp_path / "tissue.svs", 1000, 700
+        write_synthetic_slide(slide_path, 3000, 2000, mpp=0.25, seed=3)
+    with open_slide(slide_path) as auto, open_slide(slide_path, backend="openslide") as reference:
+        assert (auto.backend, auto.vendor) == ("tiffslide", "aperio")
+        assert auto.mpp == reference.mpp and auto.level_dimensions == reference.level_dimensions
+        for mpp in (auto.mpp, 2 * auto.mpp, 1.0, 2.5):
+            np.testing.assert_array_equal(auto.read_region(x, y, 256, 256, mpp),
+                                          reference.read_region(x, y, 256, 256, mpp))
+        with auto.reopen() as handle:  # reader threads get the same backend
+            assert handle.backend == "tiffslide"
+
+
 def test_thumbnail_never_reads_level_zero_of_a_pyramid(tmp_path, monkeypatch):
     path = tmp_path / "tissue.svs"
     write_synthetic_slide(path, 4096, 4096, mpp=0.25, seed=4, downsamples=(1, 4, 16))

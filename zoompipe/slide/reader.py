@@ -233,6 +233,25 @@ class Slide:
         return f"Slide({self.name!r}, {w}x{h}, {self.mpp:g} mpp, backend={self.backend})"
 
 
+#: OpenSlide vendors that tiffslide reads pixel for pixel as OpenSlide does, faster: both decode
+#: the same JPEG tiles with libjpeg-turbo, but OpenSlide also composites every tile through
+#: cairo (a 448 px region of an Aperio slide: 7-11 ms against 3.4-3.8 ms, identical pixels).
+TIFFSLIDE_VENDORS = ("aperio", "generic-tiff")
+
+
+def _faster_reader(handle: Any, path: Path) -> Any:
+    """tiffslide in place of an OpenSlide ``handle`` of the same pyramid; ``handle`` if tiffslide cannot."""
+    try:
+        faster = BACKEND_CLASSES["tiffslide"](path)
+    except Exception:  # OpenSlide reads it: keep OpenSlide
+        return handle
+    if (faster.level_dimensions, faster.level_downsamples) != (handle.level_dimensions, handle.level_downsamples):
+        faster.close()
+        return handle
+    handle.close()
+    return faster
+
+
 def _check_path(path: Path) -> None:
     if not path.exists():
         raise SlideError(f"{path}: no such file")
@@ -266,8 +285,11 @@ def open_slide(path: str | Path | SlideSource, backend: str = "auto", mpp: float
         with tiffslide through range requests; credentials come from fsspec's usual places
         (environment, ``~/.aws``, fsspec config, the URL itself) and never reach a message.
     backend : {"auto", "openslide", "tiffslide"}
-        ``"auto"`` tries OpenSlide first and falls back to tiffslide for what it cannot open;
-        for a URL it means tiffslide, since OpenSlide reads local files only.
+        ``"auto"`` lets OpenSlide recognise the format and falls back to tiffslide for what it
+        cannot open. Formats in :data:`TIFFSLIDE_VENDORS` (Aperio SVS, generic tiled TIFF) are
+        then read with tiffslide, which decodes their tiles to the same pixels 2-3x faster
+        (``tests/test_slide.py``). For a URL it means tiffslide, since OpenSlide reads local
+        files only.
     mpp : float, optional
         Level-0 microns per pixel, overriding the metadata (for slides that lack it).
     remote : RemoteSettings, optional
@@ -303,6 +325,8 @@ def open_slide(path: str | Path | SlideSource, backend: str = "auto", mpp: float
         except Exception as err:  # each library signals "not mine" with its own types
             failures.append(f"{name}: {one_line(err)}")
             continue
+        if backend == "auto" and handle.name == "openslide" and handle.vendor in TIFFSLIDE_VENDORS:
+            handle = _faster_reader(handle, target)
         try:
             mpp_value, mpp_source = resolve_mpp(handle.properties, mpp, name=source.name)
             slide = Slide(source, handle, mpp_value, mpp_source)
