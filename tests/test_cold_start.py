@@ -48,3 +48,19 @@ def test_predict_refuses_a_missing_run_before_torch_and_loads_torch_to_predict(t
     # The probe sees imports: a command that needs torch shows it.
     result = run_probe("predict", str(slide), "--out", str(tmp_path / "out"), "--precision", "fp32")
     assert result["code"] == 0 and "torch" in result["loaded"]
+
+
+def test_the_entry_point_ends_without_teardown_but_with_its_output_and_status(tmp_path):
+    # main() ends the process with os._exit: what the command printed must still arrive whole.
+    slide = tmp_path / "small.svs"
+    write_synthetic_slide(slide, 1024, 768, mpp=0.5)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "zoompipe.cli.main", *args], capture_output=True, text=True,
+                              timeout=120)
+
+    done = run("info", "--json", str(slide))
+    assert done.returncode == 0 and json.loads(done.stdout)["dimensions"] == [1024, 768]
+    done = run("info", str(tmp_path / "missing.svs"))
+    assert done.returncode == 1 and done.stderr.strip().startswith("error: ") and "no such file" in done.stderr
+    assert run("info", "--no-such-option").returncode == 2
