@@ -14,6 +14,7 @@ from conftest import random_rgb
 from zoompipe.cli.main import cli
 from zoompipe.errors import SlideError
 from zoompipe.slide import load_mpp_overrides, open_slide
+from zoompipe.slide.backends import TileCache
 from zoompipe.synthetic import write_array_slide, write_synthetic_slide
 
 BACKENDS = ["openslide", "tiffslide"]
@@ -97,6 +98,31 @@ def test_auto_reads_aperio_with_tiffslide_pixel_for_pixel(tmp_path, request, whi
                                           reference.read_region(x, y, 256, 256, mpp))
         with auto.reopen() as handle:  # reader threads get the same backend
             assert handle.backend == "tiffslide"
+
+
+def test_cached_tiles_give_tiffslides_pixels_at_every_level_and_edge(tmp_path):
+    import tiffslide
+
+    path = tmp_path / "edges.svs"  # sides that are no multiple of the tile: partial edge tiles
+    write_synthetic_slide(path, 3001, 2222, mpp=0.25, seed=9)
+    rng = np.random.default_rng(0)
+    with open_slide(path, backend="tiffslide") as slide, tiffslide.TiffSlide(str(path)) as reference:
+        backend = slide._backend
+        tiff = reference.ts_tifffile
+        # A cache of three tiles: most reads evict, the rest hit.
+        backend._tiles = small = TileCache(tiff.series[reference.properties["tiffslide.series-index"]],
+                                           backend._slide.ts_tifffile.filehandle, max_bytes=3 * 256 * 256 * 3)
+        for level, (w, h) in enumerate(slide.level_dimensions):
+            boxes = [(w - 37, h - 21, 37, 21), (0, 0, 1, 1), (0, 0, w, min(h, 300))]
+            for _ in range(25):
+                bw, bh = int(rng.integers(1, min(w, 600) + 1)), int(rng.integers(1, min(h, 600) + 1))
+                boxes.append((int(rng.integers(0, w - bw + 1)), int(rng.integers(0, h - bh + 1)), bw, bh))
+            for x, y, bw, bh in boxes:
+                assert small.read(level, x, y, bw, bh) is not None  # JPEG RGB tiles: the cache reads them
+                ds = slide.level_downsamples[level]
+                expected = reference.read_region((round(x * ds), round(y * ds)), level, (bw, bh), as_array=True)
+                np.testing.assert_array_equal(backend.read(level, x, y, bw, bh), expected)
+        assert len(small._tiles) <= 3
 
 
 def test_thumbnail_never_reads_level_zero_of_a_pyramid(tmp_path, monkeypatch):
