@@ -165,6 +165,14 @@ def test_small_components_removed_as_scikit_image_removes_them(connectivity):
         got = _without_small_components(mask, max_size, connectivity)
         np.testing.assert_array_equal(got, expected)
         assert got.sum() < mask.sum() or max_size == 0
+    # A few small pieces beside a large one: cleared within their boxes, the same result.
+    sparse = np.zeros((600, 800), bool)
+    sparse[100:400, 100:500] = sparse[10, 10] = sparse[550:552, 700:703] = sparse[401, 501] = True
+    for max_size in (1, 6, 10):
+        expected = morphology.remove_small_objects(sparse, max_size=max_size, connectivity=connectivity)
+        got = _without_small_components(sparse, max_size, connectivity)
+        np.testing.assert_array_equal(got, expected)
+        assert got.sum() < sparse.sum()
 
 
 def test_params_round_trip_and_errors():

@@ -142,9 +142,19 @@ def _without_small_components(mask: np.ndarray, max_size: int, connectivity: int
     """
     _, labels, stats, _ = cv2.connectedComponentsWithStats(
         mask.view(np.uint8), connectivity=4 if connectivity == 1 else 8, ltype=cv2.CV_32S)
-    keep = stats[:, cv2.CC_STAT_AREA] > max_size
-    keep[0] = False  # label 0 is everything outside the mask
-    return keep[labels]
+    small = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] <= max_size) + 1  # label 0 is outside the mask
+    x, y, w, h = (stats[small, i] for i in range(4))
+    if (w * h).sum() > labels.size // 4:  # many or sprawling pieces: one pass over the image
+        keep = stats[:, cv2.CC_STAT_AREA] > max_size
+        keep[0] = False
+        return keep[labels]
+    # Usually few pieces are small (none on most slides): clearing them in their bounding boxes
+    # spares a lookup of every pixel's label (0.08 s per call on a 4096 x 3072 thumbnail).
+    out = mask.copy()
+    for label, x0, y0, width, height in zip(small, x, y, w, h):
+        box = slice(y0, y0 + height), slice(x0, x0 + width)
+        out[box] &= labels[box] != label
+    return out
 
 
 def _segment(rgb: np.ndarray, mpp: float, params: TissueParams) -> tuple[np.ndarray, float]:
