@@ -43,11 +43,12 @@ apply_speed_settings()
 from zoompipe.cluster import ClusterSpec, connect, run_slides  # noqa: E402
 from zoompipe.preprocess import PreprocessConfig, preprocess_slides  # noqa: E402
 from zoompipe.run_status import SlideStatus  # noqa: E402
+from zoompipe.slide import SlideSource, slide_source  # noqa: E402
 from zoompipe.synthetic import write_synthetic_slide  # noqa: E402
 
 
-def noop(path: Path, wait: bool) -> SlideStatus:
-    return SlideStatus(path.stem, str(path), "ok")
+def noop(source: SlideSource, wait: bool) -> SlideStatus:
+    return SlideStatus(source.slide_id, source.name, "ok")
 
 
 def main() -> None:
@@ -82,7 +83,7 @@ def main() -> None:
         print(f"{f'{workers} worker x {threads} thread':<24}{seconds:>10.1f}{len(rows) / seconds * 60:>12.2f}"
               f"{patches:>10}")
 
-    names = [root / "noop" / f"n{i:05d}.svs" for i in range(args.noop_tasks)]
+    names = [slide_source(root / "noop" / f"n{i:05d}.svs") for i in range(args.noop_tasks)]
     with connect(ClusterSpec(workers=2, threads=1)) as (client, _):
         run_slides(client, noop, names[:20], lambda p: {}, lambda p, r: None, lambda p, e: None, progress=False)
         start = time.perf_counter()
