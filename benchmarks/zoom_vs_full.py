@@ -199,7 +199,8 @@ def same_run(summary: dict[str, Any], run_splits: Path, fold_csv: Path, settings
     """Whether a finished run was trained on the split of ``fold_csv`` with ``settings``."""
     # ZoomMIL runs from before level dropout and the selection choice were trained without
     # dropout and with soft selection.
-    older = {"level_dropout": 0.0, "selection": "soft"} if summary["architecture"] == "zoommil" else {}
+    older = ({"level_dropout": 0.0, "selection": "soft", "zoom_target_sum": True}
+             if summary["architecture"] == "zoommil" else {})
     recorded = {**older, **summary["model"], **summary["training"]}
     return (run_splits.read_text() == fold_csv.read_text()
             and all(recorded[name] == value for name, value in settings.items() if name in recorded))
@@ -295,9 +296,6 @@ def check_targets(results: dict[str, dict]) -> list[tuple[str, bool, str]]:
 def prepare(args: argparse.Namespace) -> tuple[list[dict], Path, dict[str, float]]:
     """Write the cohort and preprocess it, reusing whatever is already on disk."""
     out: Path = args.out
-    methods = [m for m in METHODS if args.methods is None or m.slug in args.methods]
-    if not methods:
-        parser.error(f"--methods: none of {args.methods}; choose from {', '.join(m.slug for m in METHODS)}")
     params = {"n": args.n, "width": args.width, "height": args.height, "mpp": args.mpp, "n_classes": args.classes,
               "grade_strength": args.grade_strength, "seed": args.cohort_seed}
     params_path = out / "cohort" / "params.json"
@@ -416,6 +414,9 @@ def main() -> None:
                         help="the zooming models' zoom target weight (0: the perturbed top-K alone)")
     parser.add_argument("--level-dropout", type=float, default=DEFAULT_LEVEL_DROPOUT,
                         help="the zooming models' level dropout (0: the paper's training)")
+    parser.add_argument("--zoom-target-alone", action="store_true",
+                        help="the zoom target's teacher classifies the dense 10x vector alone, not summed with the "
+                             "lower magnifications'")
     parser.add_argument("--selection", choices=SELECTIONS, default=DEFAULT_SELECTION,
                         help="the zooming models' bags above the zoom heads in training")
     parser.add_argument("--jobs", type=int, default=2, help="processes writing the cohort")
@@ -445,7 +446,7 @@ def main() -> None:
 
     fixed = {"epochs": args.epochs, "attn_hidden": args.attn_hidden, "hidden": args.hidden, "seed": args.seed,
              "level_dropout": args.level_dropout, "zoom_target_weight": args.zoom_target_weight,
-             "selection": args.selection, "device": args.device}
+             "selection": args.selection, "zoom_target_sum": not args.zoom_target_alone, "device": args.device}
     predict_options = ["--workers", str(args.workers), "--device", args.device, "--precision", args.precision]
     per_fold: dict[str, list[dict]] = {m.name: [] for m in METHODS}
     t0 = time.perf_counter()
@@ -502,7 +503,7 @@ def main() -> None:
                  "then lower validation loss, per method and fold"},
         "epochs": args.epochs, "hidden_zooming": args.hidden, "attn_hidden": args.attn_hidden,
         "level_dropout": args.level_dropout, "zoom_target_weight": args.zoom_target_weight,
-        "selection": args.selection, "encoder": PreprocessConfig().encoder, "precision": args.precision, "encoder_gflops_per_patch": gflops,
+        "selection": args.selection, "zoom_target_sum": not args.zoom_target_alone, "encoder": PreprocessConfig().encoder, "precision": args.precision, "encoder_gflops_per_patch": gflops,
         "timings": timings, "ratios": ratios, "methods": results,
     }
     summary["targets"] = [{"target": t, "met": bool(met), "measured": measured}

@@ -54,6 +54,9 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
 @click.option("--level-dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=DEFAULT_LEVEL_DROPOUT,
               help="ZoomMIL: chance of dropping each lower magnification's pooled vector from the classifier's sum "
                    "in a training step, so that the low magnifications cannot memorise the slides; 0: the paper's.")
+@click.option("--zoom-target-sum/--zoom-target-alone", default=True,
+              help="ZoomMIL: the zoom target's teacher classifies the dense last-magnification vector added to the "
+                   "lower magnifications' (as at prediction), or alone (as ABMIL at that magnification).")
 @click.option("--selection", type=click.Choice(SELECTIONS), default=DEFAULT_SELECTION, show_default=True,
               help="ZoomMIL: how training builds the bag above a zoom head. soft: the paper's rows that mix the "
                    "children of several parents; straight_through: the real children of the K likeliest patches, "
@@ -91,10 +94,10 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
               help="Go on from the last finished epoch of a stopped run in OUT (same settings and split), to the "
                    "model an unstopped run gives; its state is kept in OUT/resume/ after every epoch.")
 def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, architecture, magnifications, k, hidden,
-                  attn_hidden, sigma, sigma_end, zoom_target_weight, level_dropout, selection, max_grad_norm, epochs,
-                  lr,
-                  weight_decay, seed, split_seed, device, patience, cache, sparse, slides, cache_dir, encoder_weights,
-                  precision, runtime, batch_size, workers, backend, mask_dir, resume) -> None:
+                  attn_hidden, sigma, sigma_end, zoom_target_weight, level_dropout, zoom_target_sum, selection,
+                  max_grad_norm, epochs, lr, weight_decay, seed, split_seed, device, patience, cache, sparse, slides,
+                  cache_dir, encoder_weights, precision, runtime, batch_size, workers, backend, mask_dir,
+                  resume) -> None:
     """Train a model; keep the epoch with the best validation weighted F1.
 
     Writes OUT/model.safetensors and OUT/config.json (best epoch; architecture, hyper-parameters,
@@ -114,7 +117,8 @@ def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, architect
                           fold=fold,
                           magnifications=magnifications, k=k, hidden=hidden,
                           attn_hidden=attn_hidden, sigma=sigma, sigma_end=sigma_end,
-                          zoom_target_weight=zoom_target_weight, level_dropout=level_dropout, selection=selection,
+                          zoom_target_weight=zoom_target_weight, level_dropout=level_dropout,
+                          zoom_target_sum=zoom_target_sum, selection=selection,
                           max_grad_norm=max_grad_norm,
                           epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed,
                           split_seed=split_seed, device=device, patience=patience,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from zoompipe.evaluate import predict_logits
-from zoompipe.model import ZoomMIL, ZoomMILConfig
+from zoompipe.model import DenseRows, ZoomMIL, ZoomMILConfig
 from zoompipe.model.attention import masked_softmax
 from zoompipe.model.topk import normalise_scores
 from zoompipe.train import balanced_sampler, train_one_epoch
@@ -222,6 +222,22 @@ def test_straight_through_bags_are_the_real_children_of_the_likeliest_k() -> Non
         assert level.zoom.score.weight.grad.abs().sum() > 0
     _, seen = forward("soft")  # the paper's rows mix several parents' children: not real patches
     assert not real_rows(seen[1], bags[1]).all()
+
+
+def test_the_zoom_targets_teacher_sums_with_the_lower_levels_or_stands_alone() -> None:
+    bags, children, label = make_slides(1, seed=8)[0]
+    for summed in (True, False):
+        model = _model(dropout=0.0, level_dropout=0.0, zoom_target_weight=1.0, zoom_target_sum=summed).train()
+        model.select.sigma = 1e-7
+        torch.manual_seed(0)
+        aux = model(bags, children, label).aux_loss
+        torch.manual_seed(0)
+        _, below_last = model._forward_soft(bags[0], children, DenseRows(bags, children).rows)
+        assert below_last.abs().sum() > 0  # the lower levels carry something to add, or not
+        expected = model.zoom_target_loss(bags, children, label, below_last if summed else None)
+        torch.testing.assert_close(aux, expected)
+        other = model.zoom_target_loss(bags, children, label, None if summed else below_last)
+        assert not torch.allclose(aux, other)
 
 
 def test_level_dropout_drops_lower_magnifications_in_training_only() -> None:

@@ -138,6 +138,7 @@ def train_model(
     sigma_end: float = DEFAULT_SIGMA_END,
     zoom_target_weight: float = DEFAULT_ZOOM_TARGET_WEIGHT,
     level_dropout: float = DEFAULT_LEVEL_DROPOUT,
+    zoom_target_sum: bool = True,
     selection: str = DEFAULT_SELECTION,
     max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM,
     epochs: int = 100,
@@ -193,6 +194,9 @@ def train_model(
     level_dropout : float
         ZoomMIL: probability of dropping each lower magnification's pooled vector from the
         classifier's sum in a training step (``ZoomMILConfig.level_dropout``); 0: the paper's.
+    zoom_target_sum : bool
+        ZoomMIL: the zoom target's teacher classifies the dense vector with the lower levels'
+        (True) or alone (``ZoomMILConfig.zoom_target_sum``).
     selection : str
         ZoomMIL: ``"soft"`` (the paper's mixed bags) or ``"straight_through"`` (real children of
         the likeliest K, gradient of the soft selection; ``ZoomMILConfig.selection``).
@@ -296,7 +300,7 @@ def train_model(
 
     hyper = {"k": k, "hidden": hidden, "attn_hidden": attn_hidden, "sigma": sigma,
              "zoom_target_weight": zoom_target_weight, "level_dropout": level_dropout,
-             "selection": selection}
+             "zoom_target_sum": zoom_target_sum, "selection": selection}
     fields = config_fields(architecture)
     model = create_model(architecture, in_dim=in_dim, n_classes=len(class_names), magnifications=mags,
                          **{name: value for name, value in hyper.items() if name in fields}).to(device)

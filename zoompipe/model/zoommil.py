@@ -126,6 +126,11 @@ class ZoomMILConfig:
         vector alone classified at chance, and validation loss rose from the first epochs.
         With 0.5 validation loss fell steadily instead (README, the zoom benchmark). 0 is the
         paper's training.
+    zoom_target_sum : bool
+        Whether the zoom target's teacher classifies the dense last-magnification vector added
+        to the lower levels' pooled vectors, as the classifier's input is at inference (True),
+        or alone, as ABMIL at that magnification does (False; see
+        :meth:`ZoomMIL.zoom_target_loss`).
     selection : str
         How training builds the bag above a zoom head. ``"soft"`` (the paper): row k is the
         expected k-th selected patch over the noise samples, so rows mix the children of
@@ -145,6 +150,7 @@ class ZoomMILConfig:
     sigma: float = 0.05
     zoom_target_weight: float = DEFAULT_ZOOM_TARGET_WEIGHT
     level_dropout: float = DEFAULT_LEVEL_DROPOUT
+    zoom_target_sum: bool = True
     selection: str = DEFAULT_SELECTION
 
     def __post_init__(self) -> None:
@@ -253,7 +259,8 @@ class ZoomMIL(nn.Module):
             out = ZoomOutput(logits=logits)
             if self.config.zoom_target_weight > 0 and n_mags > 1:
                 known, known_children, complete = source.known()
-                loss = self.zoom_target_loss(known, known_children, label, below_last, complete)
+                below = below_last if self.config.zoom_target_sum else None
+                loss = self.zoom_target_loss(known, known_children, label, below, complete)
                 out.aux_loss = self.config.zoom_target_weight * loss
             return out
 
