@@ -70,7 +70,13 @@ from zoompipe.synthetic import REGIONS_MPP, write_cohort
 from zoompipe.slide import open_slide
 from zoompipe.tiling import tile_slide
 from zoompipe.train import train_model
-from zoompipe.train_defaults import DEFAULT_LEVEL_DROPOUT, DEFAULT_SELECTION, DEFAULT_ZOOM_TARGET_WEIGHT, SELECTIONS
+from zoompipe.train_defaults import (
+    DEFAULT_LEVEL_DROPOUT,
+    DEFAULT_SELECTION,
+    DEFAULT_ZOOM_TARGET_SUM,
+    DEFAULT_ZOOM_TARGET_WEIGHT,
+    SELECTIONS,
+)
 
 CASCADE = [1.25, 2.5, 10.0]
 
@@ -414,9 +420,9 @@ def main() -> None:
                         help="the zooming models' zoom target weight (0: the perturbed top-K alone)")
     parser.add_argument("--level-dropout", type=float, default=DEFAULT_LEVEL_DROPOUT,
                         help="the zooming models' level dropout (0: the paper's training)")
-    parser.add_argument("--zoom-target-alone", action="store_true",
-                        help="the zoom target's teacher classifies the dense 10x vector alone, not summed with the "
-                             "lower magnifications'")
+    parser.add_argument("--zoom-target-sum", action=argparse.BooleanOptionalAction, default=DEFAULT_ZOOM_TARGET_SUM,
+                        help="the zoom target's teacher classifies the dense 10x vector summed with the lower "
+                             "magnifications' (--no-zoom-target-sum: alone)")
     parser.add_argument("--selection", choices=SELECTIONS, default=DEFAULT_SELECTION,
                         help="the zooming models' bags above the zoom heads in training")
     parser.add_argument("--jobs", type=int, default=2, help="processes writing the cohort")
@@ -446,7 +452,7 @@ def main() -> None:
 
     fixed = {"epochs": args.epochs, "attn_hidden": args.attn_hidden, "hidden": args.hidden, "seed": args.seed,
              "level_dropout": args.level_dropout, "zoom_target_weight": args.zoom_target_weight,
-             "selection": args.selection, "zoom_target_sum": not args.zoom_target_alone, "device": args.device}
+             "selection": args.selection, "zoom_target_sum": args.zoom_target_sum, "device": args.device}
     predict_options = ["--workers", str(args.workers), "--device", args.device, "--precision", args.precision]
     per_fold: dict[str, list[dict]] = {m.name: [] for m in METHODS}
     t0 = time.perf_counter()
@@ -503,7 +509,7 @@ def main() -> None:
                  "then lower validation loss, per method and fold"},
         "epochs": args.epochs, "hidden_zooming": args.hidden, "attn_hidden": args.attn_hidden,
         "level_dropout": args.level_dropout, "zoom_target_weight": args.zoom_target_weight,
-        "selection": args.selection, "zoom_target_sum": not args.zoom_target_alone, "encoder": PreprocessConfig().encoder, "precision": args.precision, "encoder_gflops_per_patch": gflops,
+        "selection": args.selection, "zoom_target_sum": args.zoom_target_sum, "encoder": PreprocessConfig().encoder, "precision": args.precision, "encoder_gflops_per_patch": gflops,
         "timings": timings, "ratios": ratios, "methods": results,
     }
     summary["targets"] = [{"target": t, "met": bool(met), "measured": measured}

@@ -12,6 +12,7 @@ from zoompipe.train_defaults import (
     DEFAULT_MAX_GRAD_NORM,
     DEFAULT_SELECTION,
     DEFAULT_SIGMA_END,
+    DEFAULT_ZOOM_TARGET_SUM,
     DEFAULT_ZOOM_TARGET_WEIGHT,
     SELECTIONS,
 )
@@ -54,7 +55,7 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
 @click.option("--level-dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=DEFAULT_LEVEL_DROPOUT,
               help="ZoomMIL: chance of dropping each lower magnification's pooled vector from the classifier's sum "
                    "in a training step, so that the low magnifications cannot memorise the slides; 0: the paper's.")
-@click.option("--zoom-target-sum/--zoom-target-alone", default=True,
+@click.option("--zoom-target-sum/--zoom-target-alone", default=DEFAULT_ZOOM_TARGET_SUM,
               help="ZoomMIL: the zoom target's teacher classifies the dense last-magnification vector added to the "
                    "lower magnifications' (as at prediction), or alone (as ABMIL at that magnification).")
 @click.option("--selection", type=click.Choice(SELECTIONS), default=DEFAULT_SELECTION, show_default=True,

@@ -39,6 +39,7 @@ from zoompipe.train_defaults import (
     DEFAULT_MAX_GRAD_NORM,
     DEFAULT_SELECTION,
     DEFAULT_SIGMA_END,
+    DEFAULT_ZOOM_TARGET_SUM,
     DEFAULT_ZOOM_TARGET_WEIGHT,
 )
 
@@ -138,7 +139,7 @@ def train_model(
     sigma_end: float = DEFAULT_SIGMA_END,
     zoom_target_weight: float = DEFAULT_ZOOM_TARGET_WEIGHT,
     level_dropout: float = DEFAULT_LEVEL_DROPOUT,
-    zoom_target_sum: bool = True,
+    zoom_target_sum: bool = DEFAULT_ZOOM_TARGET_SUM,
     selection: str = DEFAULT_SELECTION,
     max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM,
     epochs: int = 100,

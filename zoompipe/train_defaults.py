@@ -15,6 +15,13 @@ DEFAULT_SIGMA_END = 0.005
 #: Weight of ZoomMIL's zoom target (``ZoomMIL.zoom_target_loss``); 0 is the paper's training.
 DEFAULT_ZOOM_TARGET_WEIGHT = 1.0
 
+#: Whether the zoom target's teacher classifies the dense last-magnification vector summed with
+#: the lower levels' pooled vectors (``ZoomMILConfig.zoom_target_sum``). Alone, as ABMIL at that
+#: magnification does, it learns the class sooner, and the zoom heads follow its attention: on
+#: the 40-slide benchmark the best validation weighted F1 per fold rose from 0.52 / 0.43 / 0.88 /
+#: 1.00 / 0.73 (summed, mean 0.71) to 0.72 / 0.50 / 1.00 / 1.00 / 1.00 (alone, mean 0.84).
+DEFAULT_ZOOM_TARGET_SUM = False
+
 #: Probability of dropping each lower magnification's pooled vector from ZoomMIL's sum, per
 #: training step (``ZoomMILConfig.level_dropout``); 0 is the paper's training.
 DEFAULT_LEVEL_DROPOUT = 0.5

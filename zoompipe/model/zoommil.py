@@ -25,7 +25,13 @@ from torch import Tensor, nn
 from zoompipe.model.attention import GatedAttention, masked_softmax
 from zoompipe.model.output import ModelOutput as ZoomOutput
 from zoompipe.model.registry import register_model
-from zoompipe.train_defaults import DEFAULT_LEVEL_DROPOUT, DEFAULT_SELECTION, DEFAULT_ZOOM_TARGET_WEIGHT, SELECTIONS
+from zoompipe.train_defaults import (
+    DEFAULT_LEVEL_DROPOUT,
+    DEFAULT_SELECTION,
+    DEFAULT_ZOOM_TARGET_SUM,
+    DEFAULT_ZOOM_TARGET_WEIGHT,
+    SELECTIONS,
+)
 from zoompipe.model.topk import PerturbedTopK, topk_indices
 
 #: ``fetch_children(step, parents) -> (features, rows)``. ``parents`` holds the global rows,
@@ -129,8 +135,8 @@ class ZoomMILConfig:
     zoom_target_sum : bool
         Whether the zoom target's teacher classifies the dense last-magnification vector added
         to the lower levels' pooled vectors, as the classifier's input is at inference (True),
-        or alone, as ABMIL at that magnification does (False; see
-        :meth:`ZoomMIL.zoom_target_loss`).
+        or alone, as ABMIL at that magnification does (False, the default: it learns the class
+        sooner, and the zoom heads follow its attention; ``train_defaults``).
     selection : str
         How training builds the bag above a zoom head. ``"soft"`` (the paper): row k is the
         expected k-th selected patch over the noise samples, so rows mix the children of
@@ -150,7 +156,7 @@ class ZoomMILConfig:
     sigma: float = 0.05
     zoom_target_weight: float = DEFAULT_ZOOM_TARGET_WEIGHT
     level_dropout: float = DEFAULT_LEVEL_DROPOUT
-    zoom_target_sum: bool = True
+    zoom_target_sum: bool = DEFAULT_ZOOM_TARGET_SUM
     selection: str = DEFAULT_SELECTION
 
     def __post_init__(self) -> None:
