@@ -376,8 +376,9 @@ def synthetic() -> tuple[list, list, list]:
 
 
 def test_zoommil_zooms_into_the_planted_regions_and_classifies(synthetic) -> None:
-    # Measured: 0.98 accuracy, 97.5% / 97.5% of the regions (0.99, 97.5% / 97% with the teacher summed); with zoom_target_weight=0 (the
-    # perturbed top-K alone) 0.92 and 94.5% / 92.5%, below these bars.
+    # Measured: 0.98 accuracy, 97.5% / 97.5% of the regions (0.99, 97.5% / 97% with the teacher
+    # summed); with zoom_target_weight=0 (the perturbed top-K alone) 0.92 and 94.5% / 92.5%,
+    # below these bars.
     train, test, regions = synthetic
     start = time.perf_counter()
     model = _train(MAGS, train, epochs=20, k=0.1).eval()  # K = 4 of 40 base patches
