@@ -14,7 +14,7 @@ $ZP synth "$OUT/cohort" --n 18 --width 20480 --height 16384 --jobs 2
 #    Look at $OUT/pre/masks/*.png: tissue outlines and the 1.25x grid.
 $ZP preprocess "$OUT/cohort/slides" --out "$OUT/pre"
 
-# 3. ZoomMIL, zooming into K = N/4 of each slide's base patches per step (the default).
+# 3. ZoomMIL, zooming into K = N/8 of each slide's base patches per step (the default).
 $ZP train --features "$OUT/pre/features" --labels "$OUT/cohort/labels.csv" \
     --splits "$OUT/cohort/splits.csv" --out "$OUT/run" --epochs 40
 
