@@ -136,8 +136,8 @@ class PredictOutcome:
     error: str = ""
 
 
-def predict_one(source: SlideSource, predictor: ZoomPredictor | BackgroundPredictor, out: Path | None, heatmap: bool = False,
-                geojson: bool = False, mpp: float | None = None, backend: str = "auto",
+def predict_one(source: SlideSource, predictor: ZoomPredictor | BackgroundPredictor, out: Path | None,
+                heatmap: bool = False, geojson: bool = False, mpp: float | None = None, backend: str = "auto",
                 progress: bool = False) -> PredictOutcome:
     """One slide of a batch: its prediction and outputs, or the one-line reason it failed.
 
@@ -225,8 +225,8 @@ def predict_slides(paths: Sequence[str | Path | SlideSource],
     return outcomes
 
 
-def _predict_one(source: SlideSource, predictor: ZoomPredictor | BackgroundPredictor, out: Path | None, heatmap: bool, geojson: bool,
-                 mpp: float | None, backend: str, progress: bool) -> Prediction:
+def _predict_one(source: SlideSource, predictor: ZoomPredictor | BackgroundPredictor, out: Path | None,
+                 heatmap: bool, geojson: bool, mpp: float | None, backend: str, progress: bool) -> Prediction:
     with open_slide(source, backend=backend, mpp=mpp) as slide:
         prediction, mask = predictor.predict_slide(slide, progress=progress)
         if out is not None:

@@ -368,7 +368,8 @@ class ZoomMIL(nn.Module):
                 mix = torch.einsum(
                     "kjc,ja->kac", selector.view(len(selector), n_prev, -1), mix
                 ).flatten(1)
-                reach = torch.einsum(
+                # A soft mix is its own reach; only a straight-through one needs it apart.
+                reach = mix.detach() if selector is soft else torch.einsum(
                     "kjc,ja->kac", soft.detach().view(len(soft), n_prev, -1), reach
                 ).flatten(1)
                 parents = children[step - 1][parents].flatten()
