@@ -46,3 +46,17 @@ class RegisterCrashEncoder(WorkerPlugin):
 
     def setup(self, worker) -> None:
         register()
+
+
+def dies_on_first_tries(source, wait: bool, counts: str, tries: int) -> str:
+    """A cluster task that SIGKILLs its worker on the first ``tries`` calls for its slide, then succeeds."""
+    import os
+    import signal
+    from pathlib import Path
+
+    counter = Path(counts) / source.slide_id
+    calls = len(counter.read_text()) if counter.exists() else 0
+    counter.write_text("x" * (calls + 1))
+    if calls < tries:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return f"{source.slide_id} after {calls} deaths"

@@ -24,9 +24,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from crash_encoder import MAGENTA, NAME as CRASH_ENCODER, RegisterCrashEncoder, register
+from crash_encoder import MAGENTA, NAME as CRASH_ENCODER, RegisterCrashEncoder, dies_on_first_tries, register
 from zoompipe.cli.main import cli
-from zoompipe.cluster import ClusterSpec, connect, parse_cluster
+from zoompipe.cluster import ClusterSpec, connect, parse_cluster, run_slides
 from zoompipe.dataset import agreed_contract
 from zoompipe.engine import ZoomPredictor
 from zoompipe.errors import UsageError
@@ -36,6 +36,7 @@ from zoompipe.model import create_model
 from zoompipe.model.checkpoint import save_run
 from zoompipe.predict import predict_slides
 from zoompipe.preprocess import PreprocessConfig, preprocess_slides
+from zoompipe.slide.source import slide_source
 from zoompipe.synthetic import write_array_slide, write_synthetic_slide
 
 MAGS = [2.5, 5.0]
@@ -162,11 +163,25 @@ def test_a_slide_that_crashes_its_worker_every_time_fails_and_the_others_finish(
     rows = preprocess_slides([good[0], tmp_path / "poison.svs", good[1]], tmp_path / "out", config, progress=False,
                              cluster=client)
     assert [(r.slide_id, r.status) for r in rows] == [("g0", "ok"), ("poison", "failed"), ("g1", "ok")]
-    assert "died 2 times" in rows[1].error and "poison.svs" in rows[1].error
+    # Lost beside another slide, then sent alone: 2 deaths each time.
+    assert "died 4 times" in rows[1].error and "poison.svs" in rows[1].error
     assert _status(tmp_path / "out")["poison"]["status"] == "failed"
     assert not (tmp_path / "out" / "features" / "poison.h5").exists() and _leftovers(tmp_path / "out") == []
     # The cluster survived: both workers are back.
     client.wait_for_workers(2, timeout=300)  # a restarted worker imports torch again: slow under load
+
+
+def test_a_slide_lost_after_its_retries_is_sent_once_more_alone(client, tmp_path):
+    # The innocent slide that the scheduler queued behind a crashing one, simulated: its first
+    # two tries die (the retry limit), the third, alone, succeeds.
+    sources = [slide_source(tmp_path / f"{name}.svs") for name in ("unlucky", "fine")]
+    lost = []
+    results = run_slides(client, dies_on_first_tries, sources,
+                         lambda s: dict(counts=str(tmp_path), tries=2 if s.slide_id == "unlucky" else 0),
+                         on_result=lambda s, r: None, on_lost=lambda s, deaths: lost.append((s, deaths)),
+                         progress=False, label="test-alone")
+    assert results == {sources[0]: "unlucky after 2 deaths", sources[1]: "fine after 0 deaths"} and lost == []
+    client.wait_for_workers(2, timeout=300)
 
 
 def test_two_concurrent_runs_on_one_folder_process_every_slide_once(slides, tmp_path):

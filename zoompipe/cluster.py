@@ -121,8 +121,9 @@ def connect(cluster: str | ClusterSpec | Client, gpu: bool = False) -> Iterator[
         return
     spec = parse_cluster(cluster) if isinstance(cluster, str) else cluster
     if spec.workers is not None:
-        # Read when the scheduler starts. One task per thread: a worker that dies takes only
-        # the slide it was working on into its count of failures, never one that was queued.
+        # Read when the scheduler starts. One task per thread, for the tasks that the scheduler
+        # queues itself (large batches): a worker that dies then takes only its own slide into
+        # its count of failures.
         with dask.config.set({"distributed.scheduler.allowed-failures": spec.retries,
                               "distributed.scheduler.worker-saturation": 1.0}):
             local = LocalCluster(n_workers=spec.workers, threads_per_worker=1, processes=True,
@@ -202,22 +203,24 @@ def _absolute(source: SlideSource) -> SlideSource:
     return source if source.remote else slide_source(source.local_path.resolve())
 
 
-def _lost(source: SlideSource, err: KilledWorker) -> str:
-    return (f"{source}: the worker processing this slide died {err.allowed_failures + 1} times (killed, out of "
-            "memory, or a crash inside a C library); gave up on it")
+def _lost(source: SlideSource, deaths: int) -> str:
+    return (f"{source}: the worker processing this slide died {deaths} times, the last ones with no other slide "
+            "in flight (killed, out of memory, or a crash inside a C library); gave up on it")
 
 
 def run_slides(client: Client, task: Callable[..., Any], paths: Sequence[SlideSource],
                kwargs: Callable[[SlideSource], dict], on_result: Callable[[SlideSource, Any], None],
-               on_lost: Callable[[SlideSource, KilledWorker], Any], resources: dict | None = None,
+               on_lost: Callable[[SlideSource, int], Any], resources: dict | None = None,
                progress: bool = True, label: str = "zoompipe") -> dict[SlideSource, Any]:
     """Run ``task(source, wait=..., **kwargs(source))`` once per slide on the cluster, gathering as they complete.
 
-    No more slides are in flight than the cluster has worker threads: a worker that dies then
-    takes only the slide it was working on into the scheduler's count of failures, never one
-    that waited in its queue. A task that returns None found its slide held by another run: it
-    is sent again with ``wait=True`` once every other slide has been handed out. A slide whose
-    workers all died gets ``on_lost``'s result.
+    No more slides are in flight than the cluster has worker threads, so a worker that dies
+    mostly takes only its own slide into the scheduler's count of failures. Mostly: while a
+    worker restarts, the scheduler may queue a second slide behind one that kills its worker.
+    So a slide whose workers all died is sent once more with nothing else in flight, and only
+    then gets ``on_lost``'s result (with the number of worker deaths it saw). A task that
+    returns None found its slide held by another run: it is sent again with ``wait=True`` once
+    every other slide has been handed out.
 
     Returns
     -------
@@ -232,6 +235,8 @@ def run_slides(client: Client, task: Callable[..., Any], paths: Sequence[SlideSo
     run = uuid.uuid4().hex[:8]
     todo: list[tuple[SlideSource, bool]] = [(p, False) for p in reversed(paths)]
     later: list[SlideSource] = []
+    alone: list[SlideSource] = []  # lost beside other slides: to be sent again by themselves
+    deaths: dict[SlideSource, int] = {}
     origin: dict[str, tuple[SlideSource, bool]] = {}
     running = as_completed()
     results: dict[SlideSource, Any] = {}
@@ -242,6 +247,8 @@ def run_slides(client: Client, task: Callable[..., Any], paths: Sequence[SlideSo
         if not todo:
             todo.extend((p, True) for p in reversed(later))
             later.clear()
+        if not todo and alone and not running.count():
+            todo.append((alone.pop(), False))
         capacity = max(1, sum(client.nthreads().values()))
         while todo and running.count() < capacity:
             path, wait = todo.pop()
@@ -257,7 +264,13 @@ def run_slides(client: Client, task: Callable[..., Any], paths: Sequence[SlideSo
             try:
                 result = future.result()
             except KilledWorker as err:
-                result = on_lost(path, err)
+                deaths[path] = deaths.get(path, 0) + err.allowed_failures + 1
+                if deaths[path] == err.allowed_failures + 1:
+                    alone.insert(0, path)
+                    future.release()
+                    top_up()
+                    continue
+                result = on_lost(path, deaths[path])
             except BaseException:
                 client.cancel(list(running.futures))
                 raise
@@ -293,8 +306,8 @@ def preprocess_on_cluster(slides: Sequence[SlideSource], out_dir: Path, config: 
     gpu = config.device.startswith("cuda")
     slides = [_absolute(s) for s in slides]
     with connect(cluster, gpu=gpu) as (client, spec):
-        def lost(source: SlideSource, err: KilledWorker) -> SlideStatus:
-            row = SlideStatus(source.slide_id, source.name, "failed", error=_lost(source, err))
+        def lost(source: SlideSource, deaths: int) -> SlideStatus:
+            row = SlideStatus(source.slide_id, source.name, "failed", error=_lost(source, deaths))
             write_record(out_dir, row)
             return row
 
@@ -327,8 +340,8 @@ def predict_on_cluster(paths: Sequence[SlideSource], settings: Any, out: Path, h
         table.update()
 
     with connect(cluster, gpu=gpu) as (client, spec):
-        def lost(source: SlideSource, err: KilledWorker) -> PredictOutcome:
-            outcome = PredictOutcome(source, error=_lost(source, err))
+        def lost(source: SlideSource, deaths: int) -> PredictOutcome:
+            outcome = PredictOutcome(source, error=_lost(source, deaths))
             write_record(out, SlideStatus(source.slide_id, source.name, "failed", error=outcome.error))
             return outcome
 
