@@ -22,6 +22,13 @@ Usage::
     python benchmarks/sparse_training.py --out bench_sparse                     # 60 slides, 5 folds
     python benchmarks/sparse_training.py --out bench_sparse_tiny --n 9 --width 16384 --height 12288 \\
         --folds 3 --epochs 10                                                   # a tiny cohort
+    python benchmarks/sparse_training.py --out bench_sparse10 --cohort-from bench10 --sample 4 \\
+        --epochs 60 --lr 2e-4 --hidden 128                                      # the zoom benchmark's cohort
+
+``--cohort-from BENCH`` takes the cohort, dense features and folds of a
+``benchmarks/zoom_vs_full.py`` output folder (its slides were preprocessed long before, so dense
+preprocessing is timed again on ``--sample`` slides and scaled to the cohort by patch count: the
+same per-patch cost, which is the encoder's). The base features are made and timed here.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import shutil  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 
 from zoompipe.dataset import make_splits, read_labels, write_splits  # noqa: E402
@@ -50,7 +58,7 @@ CASCADE = [1.25, 2.5, 10.0]
 
 
 def preprocess(slides: list[str], out: Path, magnifications: list[float], args: argparse.Namespace) -> float:
-    """Preprocess (or reuse) and return the seconds it took (0 when reused)."""
+    """Preprocess (or reuse) and return the seconds it took, as recorded when it ran."""
     if (out / "seconds.json").exists():
         return json.loads((out / "seconds.json").read_text())["seconds"]
     start = time.perf_counter()
@@ -61,6 +69,20 @@ def preprocess(slides: list[str], out: Path, magnifications: list[float], args: 
     seconds = time.perf_counter() - start
     (out / "seconds.json").write_text(json.dumps({"seconds": seconds}))
     return seconds
+
+
+def patch_count(feature_file: Path) -> int:
+    with h5py.File(feature_file, "r") as f:
+        return sum(len(f[name]["features"]) for name in f if isinstance(f[name], h5py.Group) and "features" in f[name])
+
+
+def scaled_dense_seconds(slides: list[str], features: Path, out: Path, args: argparse.Namespace) -> float:
+    """Dense preprocessing of the cohort: ``--sample`` slides timed here, scaled by patch count."""
+    sample = slides[:: max(1, len(slides) // args.sample)][: args.sample]
+    seconds = preprocess(sample, out, CASCADE, args)
+    done = sum(patch_count(out / "features" / f"{Path(s).stem}.h5") for s in sample)
+    total = sum(patch_count(features / f"{Path(s).stem}.h5") for s in slides)
+    return seconds * total / done
 
 
 def main() -> None:
@@ -81,15 +103,26 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--cohort-from", type=Path, default=None,
+                        help="a zoom_vs_full.py output folder: its cohort, dense features and folds")
+    parser.add_argument("--sample", type=int, default=4, help="with --cohort-from: slides to time dense preprocessing")
     args = parser.parse_args()
     out: Path = args.out
-    rows = write_cohort(out / "cohort", args.n, width=args.width, height=args.height, mpp=args.mpp,
-                        n_classes=args.classes, grade_strength=args.grade_strength)
-    slides = [r["path"] for r in rows]
-    labels_csv = out / "cohort" / "labels.csv"
-    seconds = {"dense": preprocess(slides, out / "dense", CASCADE, args),
-               "sparse": preprocess(slides, out / "base", CASCADE[:1], args)}
-    features = {"dense": out / "dense" / "features", "sparse": out / "base" / "features"}
+    if args.cohort_from:
+        bench: Path = args.cohort_from
+        labels_csv = bench / "cohort" / "labels.csv"
+        slides = [str(bench / "cohort" / "slides" / f"{slide_id}.svs") for slide_id in read_labels(labels_csv)]
+        features = {"dense": bench / "pre" / "features", "sparse": out / "base" / "features"}
+        seconds = {"dense": scaled_dense_seconds(slides, features["dense"], out / "dense_sample", args),
+                   "sparse": preprocess(slides, out / "base", CASCADE[:1], args)}
+    else:
+        rows = write_cohort(out / "cohort", args.n, width=args.width, height=args.height, mpp=args.mpp,
+                            n_classes=args.classes, grade_strength=args.grade_strength)
+        slides = [r["path"] for r in rows]
+        labels_csv = out / "cohort" / "labels.csv"
+        seconds = {"dense": preprocess(slides, out / "dense", CASCADE, args),
+                   "sparse": preprocess(slides, out / "base", CASCADE[:1], args)}
+        features = {"dense": out / "dense" / "features", "sparse": out / "base" / "features"}
     settings = dict(k=args.k, hidden=args.hidden, attn_hidden=args.hidden // 2, epochs=args.epochs, lr=args.lr,
                     seed=args.seed, zoom_target_weight=args.zoom_target_weight, progress=False)
     labels = read_labels(labels_csv)
@@ -97,7 +130,10 @@ def main() -> None:
     for fold in range(args.folds):
         fold_csv = out / "folds" / f"fold{fold}.csv"
         fold_csv.parent.mkdir(parents=True, exist_ok=True)
-        write_splits(fold_csv, make_splits(labels, n_folds=args.folds, fold=fold))
+        if args.cohort_from:
+            shutil.copyfile(args.cohort_from / "splits" / f"fold{fold}.csv", fold_csv)
+        else:
+            write_splits(fold_csv, make_splits(labels, n_folds=args.folds, fold=fold))
         result = {"fold": fold}
         for method in ("dense", "sparse"):
             run = out / "runs" / f"{method}_fold{fold}"
