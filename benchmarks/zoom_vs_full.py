@@ -72,6 +72,7 @@ from zoompipe.tiling import tile_slide
 from zoompipe.train import train_model
 from zoompipe.train_defaults import (
     DEFAULT_LEVEL_DROPOUT,
+    DEFAULT_LR_PATIENCE,
     DEFAULT_SELECTION,
     DEFAULT_ZOOM_TARGET_SUM,
     DEFAULT_ZOOM_TARGET_WEIGHT,
@@ -204,9 +205,9 @@ def train_fold(method: Method, fold_csv: Path, features: Path, labels_csv: Path,
 def same_run(summary: dict[str, Any], run_splits: Path, fold_csv: Path, settings: dict[str, Any]) -> bool:
     """Whether a finished run was trained on the split of ``fold_csv`` with ``settings``."""
     # ZoomMIL runs from before level dropout and the selection choice were trained without
-    # dropout and with soft selection.
+    # dropout and with soft selection; every run from before lr_patience, with a patience of 5.
     older = ({"level_dropout": 0.0, "selection": "soft", "zoom_target_sum": True}
-             if summary["architecture"] == "zoommil" else {})
+             if summary["architecture"] == "zoommil" else {}) | {"lr_patience": 5}
     recorded = {**older, **summary["model"], **summary["training"]}
     return (run_splits.read_text() == fold_csv.read_text()
             and all(recorded[name] == value for name, value in settings.items() if name in recorded))
@@ -380,7 +381,8 @@ def write_markdown(path: Path, summary: dict[str, Any]) -> str:
               f"{c['tissue_grid_10x_alone_mean']:.0f} in a 10x tissue grid of its own; "
               f"{len(summary['folds'])} folds (split seed {summary['split_seed']}); grid lr {summary['grid']['lrs']} "
               f"x K {summary['grid']['ks']} (zooming) or x projection width {summary['grid']['hiddens']} (others); "
-              f"up to {summary['epochs']} epochs; training seed {summary['seed']}; encoder {summary['encoder']}."]
+              f"up to {summary['epochs']} epochs, learning-rate patience {summary.get('lr_patience', 5)}; "
+              f"training seed {summary['seed']}; encoder {summary['encoder']}."]
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
@@ -411,6 +413,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=60, help="ceiling; the best validation epoch is kept")
     parser.add_argument("--lrs", type=floats, default=[1e-4, 2e-4],
                         help="learning rates searched (at 5e-4 and above ABMIL 10x never left the class prior)")
+    parser.add_argument("--lr-patience", type=int, default=DEFAULT_LR_PATIENCE,
+                        help="epochs without a lower validation loss before the learning rate is multiplied by 0.8 "
+                             "(0: constant), every method")
     parser.add_argument("--ks", type=floats, default=[0.125, 0.25], help="K (fractions of the base bag) searched")
     parser.add_argument("--hiddens", type=lambda t: [int(v) for v in floats(t)], default=[64, 128],
                         help="projection widths searched by the non-zooming methods (as many as --ks)")
@@ -450,7 +455,8 @@ def main() -> None:
     counts = {m.name: patch_counts(features, list(labels), m.magnifications[-1]) for m in METHODS if not m.zooms}
     alone_10x = tissue_grid_counts(features, rows, 10.0)
 
-    fixed = {"epochs": args.epochs, "attn_hidden": args.attn_hidden, "hidden": args.hidden, "seed": args.seed,
+    fixed = {"epochs": args.epochs, "lr_patience": args.lr_patience, "attn_hidden": args.attn_hidden,
+             "hidden": args.hidden, "seed": args.seed,
              "level_dropout": args.level_dropout, "zoom_target_weight": args.zoom_target_weight,
              "selection": args.selection, "zoom_target_sum": args.zoom_target_sum, "device": args.device}
     predict_options = ["--workers", str(args.workers), "--device", args.device, "--precision", args.precision]
@@ -507,7 +513,8 @@ def main() -> None:
         "folds": list(range(args.folds)), "split_seed": args.split_seed, "seed": args.seed,
         "grid": {"lrs": args.lrs, "ks": args.ks, "hiddens": args.hiddens, "selection": "best validation weighted F1, "
                  "then lower validation loss, per method and fold"},
-        "epochs": args.epochs, "hidden_zooming": args.hidden, "attn_hidden": args.attn_hidden,
+        "epochs": args.epochs, "lr_patience": args.lr_patience, "hidden_zooming": args.hidden,
+        "attn_hidden": args.attn_hidden,
         "level_dropout": args.level_dropout, "zoom_target_weight": args.zoom_target_weight,
         "selection": args.selection, "zoom_target_sum": args.zoom_target_sum, "encoder": PreprocessConfig().encoder, "precision": args.precision, "encoder_gflops_per_patch": gflops,
         "timings": timings, "ratios": ratios, "methods": results,

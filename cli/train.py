@@ -9,6 +9,7 @@ from zoompipe.encoders.config import PRECISIONS
 from zoompipe.train_defaults import (
     DEFAULT_K,
     DEFAULT_LEVEL_DROPOUT,
+    DEFAULT_LR_PATIENCE,
     DEFAULT_MAX_GRAD_NORM,
     DEFAULT_SELECTION,
     DEFAULT_SIGMA_END,
@@ -66,6 +67,9 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
               help="Clip each step's gradient norm to this value.")
 @click.option("--epochs", type=click.IntRange(min=1), default=100, help="Maximum epochs.")
 @click.option("--lr", type=float, default=1e-4, help="Adam learning rate.")
+@click.option("--lr-patience", type=click.IntRange(min=0), default=DEFAULT_LR_PATIENCE, show_default=True,
+              help="Epochs without a lower validation loss before the learning rate is multiplied by 0.8; "
+                   "0 keeps it constant.")
 @click.option("--weight-decay", type=float, default=0.0, help="Adam weight decay.")
 @click.option("--seed", type=int, default=0, help="Seed of the initialisation, sampling and noise.")
 @click.option("--split-seed", type=int, default=0, help="Seed of the generated split.")
@@ -96,7 +100,7 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
                    "model an unstopped run gives; its state is kept in OUT/resume/ after every epoch.")
 def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, architecture, magnifications, k, hidden,
                   attn_hidden, sigma, sigma_end, zoom_target_weight, level_dropout, zoom_target_sum, selection,
-                  max_grad_norm, epochs, lr, weight_decay, seed, split_seed, device, patience, cache, sparse, slides,
+                  max_grad_norm, epochs, lr, lr_patience, weight_decay, seed, split_seed, device, patience, cache, sparse, slides,
                   cache_dir, encoder_weights, precision, runtime, batch_size, workers, backend, mask_dir,
                   resume) -> None:
     """Train a model; keep the epoch with the best validation weighted F1.
@@ -121,7 +125,7 @@ def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, architect
                           zoom_target_weight=zoom_target_weight, level_dropout=level_dropout,
                           zoom_target_sum=zoom_target_sum, selection=selection,
                           max_grad_norm=max_grad_norm,
-                          epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed,
+                          epochs=epochs, lr=lr, lr_patience=lr_patience, weight_decay=weight_decay, seed=seed,
                           split_seed=split_seed, device=device, patience=patience,
                           cache=cache, sparse=settings, resume=resume)
     click.echo(json.dumps(summary, indent=2))

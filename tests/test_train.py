@@ -29,6 +29,7 @@ from zoompipe.grid import PatchGrid, child_grid
 from zoompipe.metrics import classification_metrics
 from zoompipe.model import load_run
 from zoompipe.train import train_model
+from zoompipe.train_defaults import DEFAULT_LR_PATIENCE
 
 MAGS = [1.25, 2.5, 10.0]
 LEVEL0_MPP = 0.25
@@ -265,13 +266,30 @@ def test_train_and_evaluate_with_the_library(features, tmp_path: Path) -> None:
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == metrics
 
 
-def test_a_stopped_run_resumes_to_the_model_of_an_unstopped_one(features, tmp_path: Path, monkeypatch) -> None:
+def test_the_learning_rate_falls_on_a_plateau_or_stays_constant(features, tmp_path: Path) -> None:
+    features_dir, labels = features
+    # At lr 1e-7 the validation loss cannot fall by the plateau rule's 1e-4: with patience 1 the
+    # rate falls by 0.8 after two epochs without a lower loss, then again two epochs later.
+    rates = {}
+    for patience in (1, 0):
+        summary = train_model(features_dir, labels, tmp_path / f"p{patience}", k=2, epochs=6, lr=1e-7,
+                              lr_patience=patience, seed=1, progress=False)
+        assert summary["training"]["lr_patience"] == patience
+        with open(tmp_path / f"p{patience}" / "log.csv") as f:
+            rates[patience] = [float(row["lr"]) for row in csv.DictReader(f)]
+    assert rates[1] == pytest.approx([1e-7, 1e-7, 1e-7, 8e-8, 8e-8, 6.4e-8])
+    assert rates[0] == [1e-7] * 6
+
+
+@pytest.mark.parametrize("lr_patience", [DEFAULT_LR_PATIENCE, 0])
+def test_a_stopped_run_resumes_to_the_model_of_an_unstopped_one(features, tmp_path: Path, monkeypatch,
+                                                                 lr_patience: int) -> None:
     from safetensors.torch import load_file
 
     import zoompipe.train
 
     features_dir, labels = features
-    settings = dict(k=2, epochs=4, lr=1e-3, seed=1, progress=False)
+    settings = dict(k=2, epochs=4, lr=1e-3, lr_patience=lr_patience, seed=1, progress=False)
     whole = train_model(features_dir, labels, tmp_path / "whole", **settings)
 
     real, calls = zoompipe.train.predict_logits, []

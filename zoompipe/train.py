@@ -36,6 +36,7 @@ from zoompipe.resume import Best, TrainingState, clear_state, fingerprint, load_
 from zoompipe.train_defaults import (
     DEFAULT_K,
     DEFAULT_LEVEL_DROPOUT,
+    DEFAULT_LR_PATIENCE,
     DEFAULT_MAX_GRAD_NORM,
     DEFAULT_SELECTION,
     DEFAULT_SIGMA_END,
@@ -144,6 +145,7 @@ def train_model(
     max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM,
     epochs: int = 100,
     lr: float = 1e-4,
+    lr_patience: int = DEFAULT_LR_PATIENCE,
     weight_decay: float = 0.0,
     seed: int = 0,
     split_seed: int = 0,
@@ -207,6 +209,9 @@ def train_model(
         Maximum number of epochs.
     lr, weight_decay : float
         Adam settings.
+    lr_patience : int
+        Epochs without a lower validation loss before the learning rate is multiplied by 0.8;
+        0 keeps it constant.
     seed : int
         Seed of the initialisation, the sampling and the selection noise.
     split_seed : int
@@ -306,14 +311,16 @@ def train_model(
     model = create_model(architecture, in_dim=in_dim, n_classes=len(class_names), magnifications=mags,
                          **{name: value for name, value in hyper.items() if name in fields}).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.8, patience=5)
+    scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.8, patience=lr_patience)
+                 if lr_patience else None)
     sampler = balanced_sampler(train_set.labels, seed)
     val_targets = torch.tensor(val_set.labels)
 
     # What the steps depend on; the device is left out, so a run stopped on one may go on on another.
     steps = fingerprint({"architecture": architecture, "magnifications": mags, "in_dim": in_dim,
                          "classes": class_names, "splits": splits, **hyper, "sigma_end": sigma_end,
-                         "max_grad_norm": max_grad_norm, "epochs": epochs, "lr": lr, "weight_decay": weight_decay,
+                         "max_grad_norm": max_grad_norm, "epochs": epochs, "lr": lr, "lr_patience": lr_patience,
+                         "weight_decay": weight_decay,
                          "seed": seed, "sparse": None if sparse is None else {
                              name: value for name, value in dataclasses.asdict(sparse).items()
                              if name not in ("runtime", "batch_size", "workers", "backend")}})
@@ -321,7 +328,7 @@ def train_model(
     best: Best | None = None if state is None else state.best
     per_epoch: list[dict[str, Any]] = [] if state is None else state.per_epoch
     done = 0 if state is None else state.epoch
-    if state is not None:
+    if state is not None and scheduler is not None:
         scheduler.load_state_dict(state.scheduler)
     log_rows = _log_rows(out_dir / "log.csv", done)
     val_status = ""
@@ -352,15 +359,17 @@ def train_model(
             log.writerow(row)
             log_file.flush()
             val_status = f" val_loss {val_loss:.3f} val_f1 {metrics['weighted_f1']:.3f}"
-            scheduler.step(val_loss)
+            if scheduler is not None:
+                scheduler.step(val_loss)
             stop = False
             if best is None or best.beaten_by(metrics["weighted_f1"], val_loss):
                 best = Best(epoch, metrics["weighted_f1"], val_loss, metrics["accuracy"])
                 save_run(out_dir, model, architecture, class_names, pipeline)
             else:
                 stop = patience is not None and epoch - best.epoch >= patience
-            save_state(out_dir, TrainingState(epoch, steps, best, scheduler.state_dict(),
-                                              optimizer.state_dict()["param_groups"], per_epoch),
+            schedule = {} if scheduler is None else scheduler.state_dict()
+            save_state(out_dir, TrainingState(epoch, steps, best, schedule, optimizer.state_dict()["param_groups"],
+                                              per_epoch),
                        model, optimizer, sampler.generator)
             if stop:
                 break
@@ -379,7 +388,7 @@ def train_model(
         "architecture": architecture,
         "magnifications": mags,
         "model": dataclasses.asdict(model.config),
-        "training": {"sigma_end": sigma_end, "max_grad_norm": max_grad_norm, "lr": lr,
+        "training": {"sigma_end": sigma_end, "max_grad_norm": max_grad_norm, "lr": lr, "lr_patience": lr_patience,
                      "weight_decay": weight_decay, "epochs": epochs, "seed": seed,
                      "split_seed": split_seed},
     }

@@ -7,6 +7,10 @@
 #: summed teacher they had split 3 to 2, and N/4 was kept.
 DEFAULT_K = 0.125
 
+#: Epochs without a lower validation loss before the learning rate is multiplied by 0.8
+#: (``ReduceLROnPlateau``); 0 keeps it constant.
+DEFAULT_LR_PATIENCE = 5
+
 #: Clipping of the global gradient norm of a training step.
 DEFAULT_MAX_GRAD_NORM = 5.0
 
