@@ -165,14 +165,17 @@ def localisation(prediction: Prediction, regions: np.ndarray) -> tuple[int, int,
     return hit, n_regions, mass
 
 
-def search_grid(method: Method, lrs: list[float], ks: list[float], hiddens: list[int]) -> list[dict[str, float]]:
-    """The configurations a method is trained with on each fold: lr x K, or lr x projection width."""
+def search_grid(method: Method, lrs: list[float], ks: list[float], hiddens: list[int],
+                lr_patiences: list[int]) -> list[dict[str, float]]:
+    """The configurations a method is trained with on each fold: lr x K, or lr x projection width,
+    x learning-rate patience."""
     second = [("k", k) for k in ks] if method.zooms else [("hidden", h) for h in hiddens]
-    return [{"lr": lr, name: value} for lr in lrs for name, value in second]
+    return [{"lr": lr, name: value, "lr_patience": patience} for lr in lrs for name, value in second
+            for patience in lr_patiences]
 
 
 def config_slug(config: dict[str, float]) -> str:
-    """A configuration as a folder name, e.g. ``lr0.0005_k0.25``."""
+    """A configuration as a folder name, e.g. ``lr0.0005_k0.25_lr_patience5``."""
     return "_".join(f"{name}{value:g}" for name, value in config.items())
 
 
@@ -380,8 +383,8 @@ def write_markdown(path: Path, summary: dict[str, Any]) -> str:
               f"{c['tissue_10x_patches_mean']:.0f} per slide under the 1.25x tissue patches, "
               f"{c['tissue_grid_10x_alone_mean']:.0f} in a 10x tissue grid of its own; "
               f"{len(summary['folds'])} folds (split seed {summary['split_seed']}); grid lr {summary['grid']['lrs']} "
-              f"x K {summary['grid']['ks']} (zooming) or x projection width {summary['grid']['hiddens']} (others); "
-              f"up to {summary['epochs']} epochs, learning-rate patience {summary.get('lr_patience', 5)}; "
+              f"x K {summary['grid']['ks']} (zooming) or x projection width {summary['grid']['hiddens']} (others) "
+              f"x learning-rate patience {summary['grid'].get('lr_patiences', [5])}; up to {summary['epochs']} epochs; "
               f"training seed {summary['seed']}; encoder {summary['encoder']}."]
     text = "\n".join(lines) + "\n"
     path.write_text(text)
@@ -413,9 +416,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=60, help="ceiling; the best validation epoch is kept")
     parser.add_argument("--lrs", type=floats, default=[1e-4, 2e-4],
                         help="learning rates searched (at 5e-4 and above ABMIL 10x never left the class prior)")
-    parser.add_argument("--lr-patience", type=int, default=DEFAULT_LR_PATIENCE,
+    parser.add_argument("--lr-patiences", type=lambda t: [int(v) for v in floats(t)], default=[DEFAULT_LR_PATIENCE],
                         help="epochs without a lower validation loss before the learning rate is multiplied by 0.8 "
-                             "(0: constant), every method")
+                             "(0: constant), searched for every method")
     parser.add_argument("--ks", type=floats, default=[0.125, 0.25], help="K (fractions of the base bag) searched")
     parser.add_argument("--hiddens", type=lambda t: [int(v) for v in floats(t)], default=[64, 128],
                         help="projection widths searched by the non-zooming methods (as many as --ks)")
@@ -455,7 +458,7 @@ def main() -> None:
     counts = {m.name: patch_counts(features, list(labels), m.magnifications[-1]) for m in METHODS if not m.zooms}
     alone_10x = tissue_grid_counts(features, rows, 10.0)
 
-    fixed = {"epochs": args.epochs, "lr_patience": args.lr_patience, "attn_hidden": args.attn_hidden,
+    fixed = {"epochs": args.epochs, "attn_hidden": args.attn_hidden,
              "hidden": args.hidden, "seed": args.seed,
              "level_dropout": args.level_dropout, "zoom_target_weight": args.zoom_target_weight,
              "selection": args.selection, "zoom_target_sum": args.zoom_target_sum, "device": args.device}
@@ -469,7 +472,7 @@ def main() -> None:
         write_splits(fold_csv, splits)
         test = [by_id[s] for s in sorted(splits) if splits[s] == "test"]
         for method in methods:
-            grid = search_grid(method, args.lrs, args.ks, args.hiddens)
+            grid = search_grid(method, args.lrs, args.ks, args.hiddens, args.lr_patiences)
             run, search = train_fold(method, fold_csv, features, labels_csv,
                                      out / "runs" / method.slug / f"fold{fold}", grid, fixed)
             chosen = next(s["config"] for s in search if s["run"] == str(run))
@@ -511,9 +514,10 @@ def main() -> None:
                    "tissue_10x_patches_mean": float(np.mean(list(counts[ABMIL_10.name].values()))),
                    "tissue_grid_10x_alone_mean": float(np.mean(list(alone_10x.values())))},
         "folds": list(range(args.folds)), "split_seed": args.split_seed, "seed": args.seed,
-        "grid": {"lrs": args.lrs, "ks": args.ks, "hiddens": args.hiddens, "selection": "best validation weighted F1, "
+        "grid": {"lrs": args.lrs, "ks": args.ks, "hiddens": args.hiddens, "lr_patiences": args.lr_patiences,
+                 "selection": "best validation weighted F1, "
                  "then lower validation loss, per method and fold"},
-        "epochs": args.epochs, "lr_patience": args.lr_patience, "hidden_zooming": args.hidden,
+        "epochs": args.epochs, "hidden_zooming": args.hidden,
         "attn_hidden": args.attn_hidden,
         "level_dropout": args.level_dropout, "zoom_target_weight": args.zoom_target_weight,
         "selection": args.selection, "zoom_target_sum": args.zoom_target_sum, "encoder": PreprocessConfig().encoder, "precision": args.precision, "encoder_gflops_per_patch": gflops,
