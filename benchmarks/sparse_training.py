@@ -176,7 +176,7 @@ def main() -> None:
         "fewer_by": round(dense_patches / max(sparse_patches, 1), 2),
     }
     summary["wall_s"] = {m: seconds[m] + summary["train_s"][m] for m in ("dense", "sparse")}
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")  # paths as text
     scaled = f" (dense: {args.sample} slides timed, scaled by patch count)" if args.cohort_from else ""
     table = [
         "| | dense | sparse |", "|---|---|---|",
