@@ -29,7 +29,6 @@ from zoompipe.grid import PatchGrid, child_grid
 from zoompipe.metrics import classification_metrics
 from zoompipe.model import load_run
 from zoompipe.train import train_model
-from zoompipe.train_defaults import DEFAULT_LR_PATIENCE
 
 MAGS = [1.25, 2.5, 10.0]
 LEVEL0_MPP = 0.25
@@ -281,7 +280,7 @@ def test_the_learning_rate_falls_on_a_plateau_or_stays_constant(features, tmp_pa
     assert rates[0] == [1e-7] * 6
 
 
-@pytest.mark.parametrize("lr_patience", [DEFAULT_LR_PATIENCE, 0])
+@pytest.mark.parametrize("lr_patience", [5, 0])
 def test_a_stopped_run_resumes_to_the_model_of_an_unstopped_one(features, tmp_path: Path, monkeypatch,
                                                                  lr_patience: int) -> None:
     from safetensors.torch import load_file

@@ -8,8 +8,13 @@
 DEFAULT_K = 0.125
 
 #: Epochs without a lower validation loss before the learning rate is multiplied by 0.8
-#: (``ReduceLROnPlateau``); 0 keeps it constant.
-DEFAULT_LR_PATIENCE = 5
+#: (``ReduceLROnPlateau``); 0 keeps it constant. ZoomMIL's validation loss rises while its 10x
+#: teacher is still looking for the lesions, so a patience of 5 had cut its rate to a tenth by
+#: the time the teacher found them. On the 40-slide zoom benchmark (README), the mean over its
+#: six methods of the best validation weighted F1 per fold was 0.745 constant against 0.735 at
+#: 5; ZoomMIL's alone, 0.944 against 0.844 (1.00 / 0.72 / 1.00 / 1.00 / 1.00 against
+#: 0.72 / 0.50 / 1.00 / 1.00 / 1.00).
+DEFAULT_LR_PATIENCE = 0
 
 #: Clipping of the global gradient norm of a training step.
 DEFAULT_MAX_GRAD_NORM = 5.0
