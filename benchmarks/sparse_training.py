@@ -44,11 +44,11 @@ import shutil  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 
 from zoompipe.dataset import make_splits, read_labels, write_splits  # noqa: E402
 from zoompipe.evaluate import evaluate_run  # noqa: E402
+from zoompipe.features import read_feature_file  # noqa: E402
 from zoompipe.preprocess import PreprocessConfig, preprocess_slides  # noqa: E402
 from zoompipe.sparse import SparseSettings  # noqa: E402
 from zoompipe.synthetic import write_cohort  # noqa: E402
@@ -73,8 +73,8 @@ def preprocess(slides: list[str], out: Path, magnifications: list[float], args: 
 
 
 def patch_count(feature_file: Path) -> int:
-    with h5py.File(feature_file, "r") as f:
-        return sum(len(f[name]["features"]) for name in f if isinstance(f[name], h5py.Group) and "features" in f[name])
+    """Patches of every magnification of a feature file."""
+    return sum(len(grid) for grid in read_feature_file(feature_file, load_features=False).grids)
 
 
 def scaled_dense_seconds(slides: list[str], features: Path, out: Path, args: argparse.Namespace) -> float:

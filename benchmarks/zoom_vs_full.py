@@ -517,10 +517,10 @@ def main() -> None:
         "grid": {"lrs": args.lrs, "ks": args.ks, "hiddens": args.hiddens, "lr_patiences": args.lr_patiences,
                  "selection": "best validation weighted F1, "
                  "then lower validation loss, per method and fold"},
-        "epochs": args.epochs, "hidden_zooming": args.hidden,
-        "attn_hidden": args.attn_hidden,
+        "epochs": args.epochs, "hidden_zooming": args.hidden, "attn_hidden": args.attn_hidden,
         "level_dropout": args.level_dropout, "zoom_target_weight": args.zoom_target_weight,
-        "selection": args.selection, "zoom_target_sum": args.zoom_target_sum, "encoder": PreprocessConfig().encoder, "precision": args.precision, "encoder_gflops_per_patch": gflops,
+        "selection": args.selection, "zoom_target_sum": args.zoom_target_sum, "encoder": PreprocessConfig().encoder,
+        "precision": args.precision, "encoder_gflops_per_patch": gflops,
         "timings": timings, "ratios": ratios, "methods": results,
     }
     summary["targets"] = [{"target": t, "met": bool(met), "measured": measured}

@@ -320,8 +320,7 @@ def train_model(
     steps = fingerprint({"architecture": architecture, "magnifications": mags, "in_dim": in_dim,
                          "classes": class_names, "splits": splits, **hyper, "sigma_end": sigma_end,
                          "max_grad_norm": max_grad_norm, "epochs": epochs, "lr": lr, "lr_patience": lr_patience,
-                         "weight_decay": weight_decay,
-                         "seed": seed, "sparse": None if sparse is None else {
+                         "weight_decay": weight_decay, "seed": seed, "sparse": None if sparse is None else {
                              name: value for name, value in dataclasses.asdict(sparse).items()
                              if name not in ("runtime", "batch_size", "workers", "backend")}})
     state = load_state(out_dir, steps, model, optimizer, sampler.generator) if resume else None
