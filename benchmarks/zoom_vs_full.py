@@ -74,6 +74,7 @@ from zoompipe.train_defaults import (
     DEFAULT_LEVEL_DROPOUT,
     DEFAULT_LR_PATIENCE,
     DEFAULT_SELECTION,
+    DEFAULT_TEACHER_INSTANCE_WEIGHT,
     DEFAULT_ZOOM_TARGET_SUM,
     DEFAULT_ZOOM_TARGET_WEIGHT,
     SELECTIONS,
@@ -208,8 +209,9 @@ def train_fold(method: Method, fold_csv: Path, features: Path, labels_csv: Path,
 def same_run(summary: dict[str, Any], run_splits: Path, fold_csv: Path, settings: dict[str, Any]) -> bool:
     """Whether a finished run was trained on the split of ``fold_csv`` with ``settings``."""
     # ZoomMIL runs from before level dropout and the selection choice were trained without
-    # dropout and with soft selection; every run from before lr_patience, with a patience of 5.
-    older = ({"level_dropout": 0.0, "selection": "soft", "zoom_target_sum": True}
+    # dropout, with soft selection and without the teacher's instance loss; every run from before
+    # lr_patience, with a patience of 5.
+    older = ({"level_dropout": 0.0, "selection": "soft", "zoom_target_sum": True, "teacher_instance_weight": 0.0}
              if summary["architecture"] == "zoommil" else {}) | {"lr_patience": 5}
     recorded = {**older, **summary["model"], **summary["training"]}
     return (run_splits.read_text() == fold_csv.read_text()
@@ -433,6 +435,8 @@ def main() -> None:
                              "magnifications' (--no-zoom-target-sum: alone)")
     parser.add_argument("--selection", choices=SELECTIONS, default=DEFAULT_SELECTION,
                         help="the zooming models' bags above the zoom heads in training")
+    parser.add_argument("--teacher-instance-weight", type=float, default=DEFAULT_TEACHER_INSTANCE_WEIGHT,
+                        help="ZoomMIL: weight of CLAM's instance loss on the zoom target's teacher")
     parser.add_argument("--jobs", type=int, default=2, help="processes writing the cohort")
     parser.add_argument("--workers", type=int, default=2, help="patch reader threads")
     parser.add_argument("--precision", default="auto", help="encoder precision, for preprocess and predict alike")
@@ -461,7 +465,8 @@ def main() -> None:
     fixed = {"epochs": args.epochs, "attn_hidden": args.attn_hidden,
              "hidden": args.hidden, "seed": args.seed,
              "level_dropout": args.level_dropout, "zoom_target_weight": args.zoom_target_weight,
-             "selection": args.selection, "zoom_target_sum": args.zoom_target_sum, "device": args.device}
+             "selection": args.selection, "zoom_target_sum": args.zoom_target_sum,
+             "teacher_instance_weight": args.teacher_instance_weight, "device": args.device}
     predict_options = ["--workers", str(args.workers), "--device", args.device, "--precision", args.precision]
     per_fold: dict[str, list[dict]] = {m.name: [] for m in METHODS}
     t0 = time.perf_counter()
@@ -519,7 +524,8 @@ def main() -> None:
                  "then lower validation loss, per method and fold"},
         "epochs": args.epochs, "hidden_zooming": args.hidden, "attn_hidden": args.attn_hidden,
         "level_dropout": args.level_dropout, "zoom_target_weight": args.zoom_target_weight,
-        "selection": args.selection, "zoom_target_sum": args.zoom_target_sum, "encoder": PreprocessConfig().encoder,
+        "selection": args.selection, "zoom_target_sum": args.zoom_target_sum,
+        "teacher_instance_weight": args.teacher_instance_weight, "encoder": PreprocessConfig().encoder,
         "precision": args.precision, "encoder_gflops_per_patch": gflops,
         "timings": timings, "ratios": ratios, "methods": results,
     }

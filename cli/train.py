@@ -13,6 +13,7 @@ from zoompipe.train_defaults import (
     DEFAULT_MAX_GRAD_NORM,
     DEFAULT_SELECTION,
     DEFAULT_SIGMA_END,
+    DEFAULT_TEACHER_INSTANCE_WEIGHT,
     DEFAULT_ZOOM_TARGET_SUM,
     DEFAULT_ZOOM_TARGET_WEIGHT,
     SELECTIONS,
@@ -63,6 +64,10 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
               help="ZoomMIL: how training builds the bag above a zoom head. soft: the paper's rows that mix the "
                    "children of several parents; straight_through: the real children of the K likeliest patches, "
                    "as at prediction, with the gradient of the soft selection.")
+@click.option("--teacher-instance-weight", type=click.FloatRange(min=0), default=DEFAULT_TEACHER_INSTANCE_WEIGHT,
+              show_default=True,
+              help="ZoomMIL: weight of CLAM's instance loss on the zoom target's teacher (its most and least "
+                   "attended 10x patches pseudo-labelled); 0 turns it off.")
 @click.option("--max-grad-norm", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MAX_GRAD_NORM,
               help="Clip each step's gradient norm to this value.")
 @click.option("--epochs", type=click.IntRange(min=1), default=100, help="Maximum epochs.")
@@ -100,7 +105,7 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
                    "model an unstopped run gives; its state is kept in OUT/resume/ after every epoch.")
 def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, architecture, magnifications, k, hidden,
                   attn_hidden, sigma, sigma_end, zoom_target_weight, level_dropout, zoom_target_sum, selection,
-                  max_grad_norm, epochs, lr, lr_patience, weight_decay, seed, split_seed, device, patience, cache,
+                  teacher_instance_weight, max_grad_norm, epochs, lr, lr_patience, weight_decay, seed, split_seed, device, patience, cache,
                   sparse, slides, cache_dir, encoder_weights, precision, runtime, batch_size, workers, backend,
                   mask_dir, resume) -> None:
     """Train a model; keep the epoch with the best validation weighted F1.
@@ -124,6 +129,7 @@ def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, architect
                           attn_hidden=attn_hidden, sigma=sigma, sigma_end=sigma_end,
                           zoom_target_weight=zoom_target_weight, level_dropout=level_dropout,
                           zoom_target_sum=zoom_target_sum, selection=selection,
+                          teacher_instance_weight=teacher_instance_weight,
                           max_grad_norm=max_grad_norm,
                           epochs=epochs, lr=lr, lr_patience=lr_patience, weight_decay=weight_decay, seed=seed,
                           split_seed=split_seed, device=device, patience=patience,

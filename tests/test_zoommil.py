@@ -302,6 +302,32 @@ def test_zoom_target_is_the_teachers_attention_summed_over_descendants() -> None
     assert _model(zoom_target_weight=0.0).train()(bags, children, label).aux_loss is None
 
 
+def test_the_teachers_instance_loss_pseudo_labels_its_dense_last_bag() -> None:
+    bags, children, label = make_slides(1, seed=6)[0]
+    plain = _model(dropout=0.0).train()
+    with_instances = _model(dropout=0.0, teacher_instance_weight=0.5, k_sample=3).train()
+    with_instances.load_state_dict(plain.state_dict(), strict=False)  # the same teacher and heads
+    base = plain.zoom_target_loss(bags, children, label)
+    loss = with_instances.zoom_target_loss(bags, children, label)
+
+    last = with_instances.levels[2]
+    z = last.project(bags[2])
+    scores = last.attention(z)
+    # Written out as CLAM does it: the 3 most and least attended 10x patches of the whole dense bag.
+    top, bottom = scores.topk(3).indices, scores.topk(3, largest=False).indices
+    heads = with_instances.instance_classifiers
+    in_class = torch.nn.functional.cross_entropy(heads[label](z[torch.cat([top, bottom])]),
+                                                 torch.tensor([1, 1, 1, 0, 0, 0]))
+    torch.testing.assert_close(loss, base + 0.5 * in_class)
+    loss.backward()
+    assert heads[label].weight.grad.abs().sum() > 0 and last.project[0].weight.grad.abs().sum() > 0
+    assert heads[1 - label].weight.grad is None  # two classes: the other class's head is not asked
+    # Without a label there is nothing to pseudo-label; at weight 0 no classifiers exist, so a run
+    # recorded before the field loads unchanged.
+    torch.testing.assert_close(with_instances.zoom_target_loss(bags, children), plain.zoom_target_loss(bags, children))
+    assert not any("instance" in name for name in plain.state_dict())
+
+
 def test_k_as_a_fraction_of_the_base_bag() -> None:
     config = ZoomMILConfig(in_dim=DIM, n_classes=2, k=0.125)
     assert [config.resolve_k(n) for n in (1, 8, 9, 40, 400)] == [1, 1, 2, 5, 50]

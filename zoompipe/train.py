@@ -40,6 +40,7 @@ from zoompipe.train_defaults import (
     DEFAULT_MAX_GRAD_NORM,
     DEFAULT_SELECTION,
     DEFAULT_SIGMA_END,
+    DEFAULT_TEACHER_INSTANCE_WEIGHT,
     DEFAULT_ZOOM_TARGET_SUM,
     DEFAULT_ZOOM_TARGET_WEIGHT,
 )
@@ -142,6 +143,7 @@ def train_model(
     level_dropout: float = DEFAULT_LEVEL_DROPOUT,
     zoom_target_sum: bool = DEFAULT_ZOOM_TARGET_SUM,
     selection: str = DEFAULT_SELECTION,
+    teacher_instance_weight: float = DEFAULT_TEACHER_INSTANCE_WEIGHT,
     max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM,
     epochs: int = 100,
     lr: float = 1e-4,
@@ -203,6 +205,9 @@ def train_model(
     selection : str
         ZoomMIL: ``"soft"`` (the paper's mixed bags) or ``"straight_through"`` (real children of
         the likeliest K, gradient of the soft selection; ``ZoomMILConfig.selection``).
+    teacher_instance_weight : float
+        ZoomMIL: weight of CLAM's instance loss on the zoom target's teacher
+        (``ZoomMILConfig.teacher_instance_weight``); 0 turns it off.
     max_grad_norm : float, optional
         Gradient norm clipping per step; None turns it off.
     epochs : int
@@ -306,7 +311,8 @@ def train_model(
 
     hyper = {"k": k, "hidden": hidden, "attn_hidden": attn_hidden, "sigma": sigma,
              "zoom_target_weight": zoom_target_weight, "level_dropout": level_dropout,
-             "zoom_target_sum": zoom_target_sum, "selection": selection}
+             "zoom_target_sum": zoom_target_sum, "selection": selection,
+             "teacher_instance_weight": teacher_instance_weight}
     fields = config_fields(architecture)
     model = create_model(architecture, in_dim=in_dim, n_classes=len(class_names), magnifications=mags,
                          **{name: value for name, value in hyper.items() if name in fields}).to(device)

@@ -36,6 +36,10 @@ DEFAULT_ZOOM_TARGET_SUM = False
 #: training step (``ZoomMILConfig.level_dropout``); 0 is the paper's training.
 DEFAULT_LEVEL_DROPOUT = 0.5
 
+#: Weight of CLAM's instance loss on ZoomMIL's zoom-target teacher
+#: (``ZoomMILConfig.teacher_instance_weight``); 0 leaves the teacher to the slide label alone.
+DEFAULT_TEACHER_INSTANCE_WEIGHT = 0.0
+
 #: How ZoomMIL's training builds the bags above its zoom heads (``ZoomMILConfig.selection``).
 SELECTIONS = ("soft", "straight_through")
 DEFAULT_SELECTION = "soft"

@@ -1,21 +1,18 @@
 """CLAM-SB: single-branch attention MIL with an instance-level clustering loss (Lu et al., 2021).
 
-Besides the gated-attention pooling of ABMIL, each class has an instance classifier. During
-training, the K most attended patches of a slide are pseudo-labelled positive for its class
-and the K least attended negative; for the other classes (more than two classes), the K most
-attended are negative. The cross-entropy of those instance predictions, weighted, is the
-model's ``aux_loss``: it shapes the attention into class evidence.
+Besides the gated-attention pooling of ABMIL, each class has an instance classifier, trained on
+pseudo-labels from the attention ranking (:mod:`zoompipe.model.instance`). That cross-entropy,
+weighted, is the model's ``aux_loss``: it shapes the attention into class evidence.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoompipe.model.attention import GatedAttention, masked_softmax
 from zoompipe.model.bag import BagConfig, BagModel
+from zoompipe.model.instance import instance_classifiers, instance_loss
 from zoompipe.model.registry import register_model
 
 
@@ -54,7 +51,7 @@ class CLAMSB(BagModel):
         super().__init__(config)
         self.attention = GatedAttention(config.hidden, config.attn_hidden)
         self.classifier = nn.Linear(config.hidden, config.n_classes)
-        self.instance_classifiers = nn.ModuleList(nn.Linear(config.hidden, 2) for _ in range(config.n_classes))
+        self.instance_classifiers = instance_classifiers(config.hidden, config.n_classes)
 
     def classify(self, h: Tensor, label: int | None) -> tuple[Tensor, Tensor, Tensor | None]:
         scores = self.attention(h)
@@ -66,19 +63,5 @@ class CLAMSB(BagModel):
         return logits, attention, aux
 
     def instance_loss(self, h: Tensor, scores: Tensor, label: int) -> Tensor:
-        """Mean cross-entropy of the pseudo-labelled patches over the classes that get some."""
-        k = min(self.config.k_sample, len(h) // 2)
-        if k == 0:
-            return h.new_zeros(())
-        top, bottom = scores.topk(k).indices, (-scores).topk(k).indices
-        losses = []
-        for cls, head in enumerate(self.instance_classifiers):
-            if cls == label:
-                rows = torch.cat([top, bottom])
-                targets = torch.cat([torch.ones(k), torch.zeros(k)]).long()
-            elif self.config.n_classes > 2:
-                rows, targets = top, torch.zeros(k, dtype=torch.long)
-            else:
-                continue
-            losses.append(F.cross_entropy(head(h[rows]), targets.to(h.device)))
-        return torch.stack(losses).mean()
+        """:func:`~zoompipe.model.instance.instance_loss` with this model's classifiers and ``k_sample``."""
+        return instance_loss(self.instance_classifiers, h, scores, label, self.config.k_sample)

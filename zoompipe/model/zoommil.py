@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoompipe.model.attention import GatedAttention, masked_softmax
+from zoompipe.model.instance import instance_classifiers, instance_loss
 from zoompipe.model.output import ModelOutput as ZoomOutput
 from zoompipe.model.registry import register_model
 from zoompipe.train_defaults import (
@@ -143,6 +144,15 @@ class ZoomMILConfig:
         several parents. ``"straight_through"``: the rows are the real children of the K
         patches the noise samples select most often, as at inference, while the gradient
         still flows through the perturbed top-K's estimate (straight-through estimator).
+    teacher_instance_weight : float
+        Weight of CLAM's instance loss (:mod:`zoompipe.model.instance`) on the zoom target's
+        teacher: the ``k_sample`` most and least attended patches of the dense last-magnification
+        bag are pseudo-labelled, so its attention, which the zoom heads learn to follow and the
+        last head keeps at inference, becomes patch-level class evidence. Training only; 0, the
+        default here so that a run recorded before this field loads as it was trained, adds no
+        classifiers (``train_model`` passes ``train_defaults.DEFAULT_TEACHER_INSTANCE_WEIGHT``).
+    k_sample : int
+        Patches pseudo-labelled at each end of the teacher's attention ranking (CLAM's 8).
     """
 
     in_dim: int
@@ -158,6 +168,8 @@ class ZoomMILConfig:
     level_dropout: float = DEFAULT_LEVEL_DROPOUT
     zoom_target_sum: bool = DEFAULT_ZOOM_TARGET_SUM
     selection: str = DEFAULT_SELECTION
+    teacher_instance_weight: float = 0.0
+    k_sample: int = 8
 
     def __post_init__(self) -> None:
         self.magnifications = [float(m) for m in self.magnifications]
@@ -175,6 +187,9 @@ class ZoomMILConfig:
             raise ValueError(f"zoom_target_weight must be >= 0, got {self.zoom_target_weight}")
         if not 0 <= self.level_dropout < 1:
             raise ValueError(f"level_dropout must lie in [0, 1), got {self.level_dropout}")
+        if self.teacher_instance_weight < 0 or self.k_sample < 1:
+            raise ValueError(f"need teacher_instance_weight >= 0 and k_sample >= 1, got "
+                             f"{self.teacher_instance_weight} and {self.k_sample}")
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
 
@@ -228,6 +243,8 @@ class ZoomMIL(nn.Module):
         )
         self.classifier = nn.Linear(config.hidden, config.n_classes)
         self.select = PerturbedTopK(config.n_samples, config.sigma)
+        if config.teacher_instance_weight > 0:
+            self.instance_classifiers = instance_classifiers(config.hidden, config.n_classes)
 
     def forward(
         self, bags: list[Tensor] | RowSource, children: list[Tensor], label: int | None = None
@@ -433,16 +450,21 @@ class ZoomMIL(nn.Module):
         Returns
         -------
         Tensor
-            Scalar: teacher cross-entropy plus the KL divergence of every zoom head.
+            Scalar: teacher cross-entropy (with its instance loss when
+            ``teacher_instance_weight`` > 0) plus the KL divergence of every zoom head.
         """
         last = self.levels[-1]
         z = last.project(bags[-1])
-        attention = masked_softmax(last.attention(z))
+        teacher_scores = last.attention(z)
+        attention = masked_softmax(teacher_scores)
         loss = z.new_zeros(())
         if label is not None:
             target = torch.tensor([label], device=z.device)
             pooled = attention @ z if below_last is None else below_last + attention @ z
             loss = loss + F.cross_entropy(self.classifier(pooled)[None], target)
+            if self.config.teacher_instance_weight > 0:
+                loss = loss + self.config.teacher_instance_weight * instance_loss(
+                    self.instance_classifiers, z, teacher_scores, int(label), self.config.k_sample)
         mass = attention.detach()
         for step in reversed(range(len(self.levels) - 1)):
             index = children[step]
