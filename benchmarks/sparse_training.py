@@ -15,7 +15,9 @@ Patches: dense training needs every patch of the cascade of its training and val
 sparse training, their base patches plus whatever it embedded (``train_summary.json``, key
 ``sparse``). Wall time: preprocessing of the whole cohort plus training, per method.
 
-Writes ``OUT/results.json`` and ``OUT/results.md``; the cohort and preprocessing are reused.
+Writes ``OUT/folds/foldN.json`` per fold, and ``OUT/results.json`` and ``OUT/results.md`` over every
+fold run so far with the same settings (``--only-folds`` runs add up); the cohort and
+preprocessing are reused.
 
 Usage::
 
@@ -46,6 +48,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from zoompipe.atomic import write_text  # noqa: E402
 from zoompipe.dataset import make_splits, read_labels, write_splits  # noqa: E402
 from zoompipe.evaluate import evaluate_run  # noqa: E402
 from zoompipe.features import read_feature_file  # noqa: E402
@@ -132,6 +135,7 @@ def main() -> None:
                     lr_patience=args.lr_patience, seed=args.seed, zoom_target_weight=args.zoom_target_weight,
                     progress=False)
     labels = read_labels(labels_csv)
+    recorded = json.loads(json.dumps({**settings, "precision": args.precision, "cascade": CASCADE}))
     folds = []
     for fold in args.only_folds or range(args.folds):
         fold_csv = out / "folds" / f"fold{fold}.csv"
@@ -140,7 +144,7 @@ def main() -> None:
             shutil.copyfile(args.cohort_from / "splits" / f"fold{fold}.csv", fold_csv)
         else:
             write_splits(fold_csv, make_splits(labels, n_folds=args.folds, fold=fold))
-        result = {"fold": fold}
+        result: dict = {"fold": fold}
         for method in ("dense", "sparse"):
             run = out / "runs" / f"{method}_fold{fold}"
             shutil.rmtree(run, ignore_errors=True)  # a fresh cache: the count is one run's cost
@@ -158,7 +162,13 @@ def main() -> None:
                                      ("dense_patches", "embedded_patches", "total_dense", "total_embedded",
                                       "fewer_by", "per_epoch")}
             print(f"fold {fold} {method}: F1 {result[method]['weighted_f1']:.1f}, train {train_s:.1f} s", flush=True)
-        folds.append(result)
+        write_text(out / "folds" / f"fold{fold}.json", json.dumps({"settings": recorded, **result}, indent=2))
+    # Folds run by earlier invocations with the same settings count too, so folds can run apart.
+    for path in sorted((out / "folds").glob("fold*.json")):
+        saved = json.loads(path.read_text())
+        if saved.pop("settings") == recorded:
+            folds.append(saved)
+    folds.sort(key=lambda f: f["fold"])
 
     def mean(method: str, key: str) -> float:
         return float(np.mean([f[method][key] for f in folds]))
