@@ -12,6 +12,11 @@ count on a real-size cohort takes minutes, not hours.
 noise samples select (their weight is set to zero and each slot renormalised): how much of the
 union is the noise of one step rather than the selection moving between epochs.
 
+``--explore M`` simulates limiting the base step's exploration to the base patches explored
+before (all their children embedded) and the ``ceil(M * K)`` best by the zoom head's current
+score: new patches enter the union only by ranking near the top. ``--budget F`` caps the base
+patches a slide may explore at a fraction F of its base bag.
+
 Usage::
 
     python benchmarks/sparse_union.py --features bench/pre/features --labels bench/cohort/labels.csv \\
@@ -21,6 +26,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 from pathlib import Path
 
@@ -59,6 +65,47 @@ def prune_rare_parents(min_share: float) -> None:
     topk.PerturbedTopK.forward = pruned
 
 
+def explore_known_only(seen: dict[tuple[int, int], set[int]], multiple: float, budget: float) -> None:
+    """In training, the base step's noise reaches only explored base patches and the current best.
+
+    Explored: every child at the next magnification was asked for before (their features are
+    in the cache). The best: the ``ceil(multiple * K)`` top-scored by the zoom head now, so a patch
+    enters the union only by ranking near the top K, not by one noise sample. With a ``budget``
+    (a fraction of the base bag, at least K), once that many base patches of a slide are
+    explored, no new one is.
+    """
+    soft = zoommil.ZoomMIL._forward_soft
+    select = topk.PerturbedTopK.forward
+    pending: dict[str, torch.Tensor] = {}
+
+    def forward_soft(self: zoommil.ZoomMIL, h0: torch.Tensor, children: list[torch.Tensor], fetch_rows):
+        source = fetch_rows.__self__  # the slide's DenseRows
+        asked = torch.tensor(sorted(seen.get((id(source.bags[0]), 1), set())), dtype=torch.long)
+        index = children[0]
+        pending["explored"] = (torch.isin(index, asked) | (index < 0)).all(dim=1) & (index >= 0).any(dim=1)
+        try:
+            return soft(self, h0, children, fetch_rows)
+        finally:
+            pending.clear()
+
+    def restricted(self: topk.PerturbedTopK, scores: torch.Tensor, k: int, mask: torch.Tensor | None = None):
+        explored = pending.pop("explored", None)  # the base step's call comes first, without a mask
+        if self.training and explored is not None and mask is None:
+            n = scores.shape[-1]
+            best = topk.topk_indices(scores[0].detach(), min(math.ceil(multiple * k), n))
+            if budget > 0:
+                room = max(math.ceil(budget * n), k) - int(explored.sum())
+                fresh = best[~explored[best]]
+                best = fresh[scores[0].detach()[fresh].argsort(descending=True)][:max(room, 0)]
+            mask = explored.clone()
+            mask[best] = True
+            mask = mask[None]
+        return select(self, scores, k, mask)
+
+    zoommil.ZoomMIL._forward_soft = forward_soft
+    topk.PerturbedTopK.forward = restricted
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--features", type=Path, required=True)
@@ -73,12 +120,19 @@ def main() -> None:
     parser.add_argument("--level-dropout", type=float, default=None, help="[default: the training default]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-share", type=float, default=0.0, help="simulated pruning of rare parents (0: none)")
+    parser.add_argument("--explore", type=float, default=0.0,
+                        help="simulated exploration limit: the base step's noise reaches explored patches and the "
+                             "EXPLORE x K best only (0: no limit)")
+    parser.add_argument("--budget", type=float, default=0.0,
+                        help="with --explore: base patches a slide may explore, a fraction of its base bag (0: no cap)")
     args = parser.parse_args()
 
     seen: dict[tuple[int, int], set[int]] = {}
     record_rows(seen)
     if args.min_share > 0:
         prune_rare_parents(args.min_share)
+    if args.explore > 0:
+        explore_known_only(seen, args.explore, args.budget)
     levels = range(1, len(args.magnifications))
     history: list[dict[int, int]] = []
     one_epoch = train.train_one_epoch
@@ -103,7 +157,7 @@ def main() -> None:
     names = [f"{m:g}x" for m in args.magnifications]
     print(f"{len(ids)} training slides; dense rows {dict(zip(names, dense))} = {sum(dense)}; "
           f"best validation weighted F1 {summary['best_val_f1']:.3f} (epoch {summary['best_epoch']}); "
-          f"min share {args.min_share:g}")
+          f"min share {args.min_share:g}; explore {args.explore:g}; budget {args.budget:g}")
     print(f"{'epoch':>5s} " + " ".join(f"{n:>9s}" for n in names[1:]) + f" {'base+union':>11s} {'dense/that':>10s}")
     for epoch, counts in enumerate(history, 1):
         total = dense[0] + sum(counts.values())
