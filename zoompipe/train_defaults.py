@@ -37,7 +37,9 @@ DEFAULT_ZOOM_TARGET_SUM = False
 DEFAULT_LEVEL_DROPOUT = 0.5
 
 #: Weight of CLAM's instance loss on ZoomMIL's zoom-target teacher
-#: (``ZoomMILConfig.teacher_instance_weight``); 0 leaves the teacher to the slide label alone.
+#: (``ZoomMILConfig.teacher_instance_weight``); 0 leaves the teacher to the slide label alone. At
+#: 0.3 (CLAM's) the 40-slide benchmark's best validation weighted F1 per fold was 0.87 / 0.72 /
+#: 1.00 / 1.00 / 1.00 (mean 0.92) against 0.94 without it (README, the zoom benchmark), so it is off.
 DEFAULT_TEACHER_INSTANCE_WEIGHT = 0.0
 
 #: How ZoomMIL's training builds the bags above its zoom heads (``ZoomMILConfig.selection``).
