@@ -135,6 +135,7 @@ def main() -> None:
                     lr_patience=args.lr_patience, seed=args.seed, zoom_target_weight=args.zoom_target_weight,
                     progress=False)
     labels = read_labels(labels_csv)
+    # Through JSON, so that it compares equal to the settings read back from a fold's file.
     recorded = json.loads(json.dumps({**settings, "precision": args.precision, "cascade": CASCADE}))
     folds = []
     for fold in args.only_folds or range(args.folds):

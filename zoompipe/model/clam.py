@@ -59,9 +59,6 @@ class CLAMSB(BagModel):
         logits = self.classifier(attention @ h)
         aux = None
         if self.training and label is not None:
-            aux = self.config.instance_weight * self.instance_loss(h, scores, int(label))
+            aux = self.config.instance_weight * instance_loss(
+                self.instance_classifiers, h, scores, int(label), self.config.k_sample)
         return logits, attention, aux
-
-    def instance_loss(self, h: Tensor, scores: Tensor, label: int) -> Tensor:
-        """:func:`~zoompipe.model.instance.instance_loss` with this model's classifiers and ``k_sample``."""
-        return instance_loss(self.instance_classifiers, h, scores, label, self.config.k_sample)
