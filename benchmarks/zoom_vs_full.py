@@ -75,6 +75,7 @@ from zoompipe.train_defaults import (
     DEFAULT_LR_PATIENCE,
     DEFAULT_SELECTION,
     DEFAULT_TEACHER_INSTANCE_WEIGHT,
+    DEFAULT_WARMUP_EPOCHS,
     DEFAULT_ZOOM_TARGET_SUM,
     DEFAULT_ZOOM_TARGET_WEIGHT,
     SELECTIONS,
@@ -209,10 +210,10 @@ def train_fold(method: Method, fold_csv: Path, features: Path, labels_csv: Path,
 def same_run(summary: dict[str, Any], run_splits: Path, fold_csv: Path, settings: dict[str, Any]) -> bool:
     """Whether a finished run was trained on the split of ``fold_csv`` with ``settings``."""
     # ZoomMIL runs from before level dropout and the selection choice were trained without
-    # dropout, with soft selection and without the teacher's instance loss; every run from before
-    # lr_patience, with a patience of 5.
-    older = ({"level_dropout": 0.0, "selection": "soft", "zoom_target_sum": True, "teacher_instance_weight": 0.0}
-             if summary["architecture"] == "zoommil" else {}) | {"lr_patience": 5}
+    # dropout, with soft selection, without the teacher's instance loss and without a warm-up;
+    # every run from before lr_patience, with a patience of 5.
+    older = ({"level_dropout": 0.0, "selection": "soft", "zoom_target_sum": True, "teacher_instance_weight": 0.0,
+              "warmup_epochs": 0} if summary["architecture"] == "zoommil" else {}) | {"lr_patience": 5}
     recorded = {**older, **summary["model"], **summary["training"]}
     return (run_splits.read_text() == fold_csv.read_text()
             and all(recorded[name] == value for name, value in settings.items() if name in recorded))
@@ -437,6 +438,8 @@ def main() -> None:
                         help="the zooming models' bags above the zoom heads in training")
     parser.add_argument("--teacher-instance-weight", type=float, default=DEFAULT_TEACHER_INSTANCE_WEIGHT,
                         help="ZoomMIL: weight of CLAM's instance loss on the zoom target's teacher")
+    parser.add_argument("--warmup-epochs", type=int, default=DEFAULT_WARMUP_EPOCHS,
+                        help="the zooming models' first epochs on the zoom target alone (within --epochs)")
     parser.add_argument("--jobs", type=int, default=2, help="processes writing the cohort")
     parser.add_argument("--workers", type=int, default=2, help="patch reader threads")
     parser.add_argument("--precision", default="auto", help="encoder precision, for preprocess and predict alike")
@@ -478,8 +481,9 @@ def main() -> None:
         test = [by_id[s] for s in sorted(splits) if splits[s] == "test"]
         for method in methods:
             grid = search_grid(method, args.lrs, args.ks, args.hiddens, args.lr_patiences)
+            warmup = {"warmup_epochs": args.warmup_epochs} if method.zooms else {}
             run, search = train_fold(method, fold_csv, features, labels_csv,
-                                     out / "runs" / method.slug / f"fold{fold}", grid, fixed)
+                                     out / "runs" / method.slug / f"fold{fold}", grid, fixed | warmup)
             chosen = next(s["config"] for s in search if s["run"] == str(run))
             if method.zooms or (method == ABMIL_10 and (fold == 0 or args.predict_all_folds)):
                 entry = score_with_predict(run, test, out / "cohort", predict_options)
@@ -525,7 +529,8 @@ def main() -> None:
         "epochs": args.epochs, "hidden_zooming": args.hidden, "attn_hidden": args.attn_hidden,
         "level_dropout": args.level_dropout, "zoom_target_weight": args.zoom_target_weight,
         "selection": args.selection, "zoom_target_sum": args.zoom_target_sum,
-        "teacher_instance_weight": args.teacher_instance_weight, "encoder": PreprocessConfig().encoder,
+        "teacher_instance_weight": args.teacher_instance_weight, "warmup_epochs": args.warmup_epochs,
+        "encoder": PreprocessConfig().encoder,
         "precision": args.precision, "encoder_gflops_per_patch": gflops,
         "timings": timings, "ratios": ratios, "methods": results,
     }

@@ -27,8 +27,8 @@ from zoompipe.evaluate import evaluate_run
 from zoompipe.features import write_feature_file as write_preprocessed
 from zoompipe.grid import PatchGrid, child_grid
 from zoompipe.metrics import classification_metrics
-from zoompipe.model import load_run
-from zoompipe.train import train_model
+from zoompipe.model import create_model, load_run
+from zoompipe.train import train_model, train_one_epoch
 
 MAGS = [1.25, 2.5, 10.0]
 LEVEL0_MPP = 0.25
@@ -280,6 +280,33 @@ def test_the_learning_rate_falls_on_a_plateau_or_stays_constant(features, tmp_pa
     assert rates[0] == [1e-7] * 6
 
 
+def test_a_warm_up_trains_the_zoom_target_alone(features, tmp_path: Path) -> None:
+    features_dir, labels = features
+    ids = [f"slide{i:02d}" for i in range(6)]
+    data = SlideDataset(features_dir, ids, [i % 2 for i in range(6)], MAGS)
+    torch.manual_seed(0)
+    model = create_model("zoommil", in_dim=DIM, n_classes=2, magnifications=MAGS, k=2, hidden=16, attn_hidden=8)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    # What only the zoomed bags' classification trains: the pooling heads below the last magnification.
+    zoomed_only = {name for name, _ in model.named_parameters() if name.startswith(("levels.0.attention",
+                                                                                     "levels.1.attention"))}
+    for teacher_only, frozen in ((True, zoomed_only), (False, set())):
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        train_one_epoch(model, data, range(len(data)), optimizer, "cpu", teacher_only=teacher_only)
+        unchanged = {name for name, p in model.named_parameters() if torch.equal(p, before[name])}
+        assert unchanged == frozen
+
+    summary = train_model(features_dir, labels, tmp_path / "run", k=2, epochs=2, warmup_epochs=1, lr=1e-3,
+                          seed=1, progress=False)
+    assert summary["training"]["warmup_epochs"] == 1
+    with pytest.raises(UsageError, match="warm-up"):
+        train_model(features_dir, labels, tmp_path / "abmil", architecture="abmil", epochs=2, warmup_epochs=1,
+                    progress=False)
+    assert not (tmp_path / "abmil").exists()
+    with pytest.raises(UsageError, match="warm-up"):
+        train_model(features_dir, labels, tmp_path / "long", epochs=2, warmup_epochs=2, progress=False)
+
+
 @pytest.mark.parametrize("lr_patience", [5, 0])
 def test_a_stopped_run_resumes_to_the_model_of_an_unstopped_one(features, tmp_path: Path, monkeypatch,
                                                                  lr_patience: int) -> None:
@@ -391,7 +418,7 @@ def test_reads_files_written_by_preprocess(tmp_path: Path) -> None:
     assert agreed_contract([tmp_path / "p.h5"]).grid.magnifications == tuple(MAGS)
 
 
-@pytest.mark.parametrize("case", ["k 0", "epochs 0", "no label column", "unknown architecture"])
+@pytest.mark.parametrize("case", ["k 0", "epochs 0", "warmup-epochs 100", "no label column", "unknown architecture"])
 def test_bad_options_exit_2_with_one_line_and_write_nothing(features, tmp_path: Path, case: str) -> None:
     features_dir, labels = features
     args = ["train", "--features", str(features_dir), "--labels", str(labels), "--out", str(tmp_path / "run")]

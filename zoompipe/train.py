@@ -41,6 +41,7 @@ from zoompipe.train_defaults import (
     DEFAULT_SELECTION,
     DEFAULT_SIGMA_END,
     DEFAULT_TEACHER_INSTANCE_WEIGHT,
+    DEFAULT_WARMUP_EPOCHS,
     DEFAULT_ZOOM_TARGET_SUM,
     DEFAULT_ZOOM_TARGET_WEIGHT,
 )
@@ -89,6 +90,7 @@ def train_one_epoch(
     device: str | torch.device,
     progress: tqdm | None = None,
     max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM,
+    teacher_only: bool = False,
 ) -> float:
     """One pass over ``slides`` in ``order``, one slide per optimiser step.
 
@@ -98,6 +100,11 @@ def train_one_epoch(
         Clip the global gradient norm of each step to this value (None: no clipping). The
         Monte-Carlo gradient of the perturbed top-K has heavy tails; one rare large step
         would otherwise undo what the zoom heads learnt.
+    teacher_only : bool
+        Train on the model's auxiliary loss alone (ZoomMIL's zoom target: its dense teacher and
+        the zoom heads following it), not on the classification of the zoomed bags (see
+        ``warmup_epochs`` of :func:`train_model`). The forward pass is the same, so sparse
+        training still embeds what the soft selection reaches.
 
     Returns
     -------
@@ -109,9 +116,12 @@ def train_one_epoch(
     for index in order:
         bags, children, label = slides[index]
         out = model(*on_device(bags, children, device), label)
-        loss = F.cross_entropy(out.logits[None], torch.tensor([label], device=device))
-        if out.aux_loss is not None:
-            loss = loss + out.aux_loss
+        if teacher_only:
+            loss = out.aux_loss
+        else:
+            loss = F.cross_entropy(out.logits[None], torch.tensor([label], device=device))
+            if out.aux_loss is not None:
+                loss = loss + out.aux_loss
         optimizer.zero_grad()
         loss.backward()
         if max_grad_norm is not None:
@@ -145,6 +155,7 @@ def train_model(
     selection: str = DEFAULT_SELECTION,
     teacher_instance_weight: float = DEFAULT_TEACHER_INSTANCE_WEIGHT,
     max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM,
+    warmup_epochs: int = DEFAULT_WARMUP_EPOCHS,
     epochs: int = 100,
     lr: float = 1e-4,
     lr_patience: int = DEFAULT_LR_PATIENCE,
@@ -210,6 +221,11 @@ def train_model(
         (``ZoomMILConfig.teacher_instance_weight``); 0 turns it off.
     max_grad_norm : float, optional
         Gradient norm clipping per step; None turns it off.
+    warmup_epochs : int
+        ZoomMIL: the first epochs train the zoom target alone, that is the dense teacher (ABMIL at
+        the last magnification, sharing its head and classifier) and the zoom heads that follow
+        its attention; the classification of the zoomed bags joins after them. Counted within
+        ``epochs``; needs a zoom target.
     epochs : int
         Maximum number of epochs.
     lr, weight_decay : float
@@ -254,12 +270,17 @@ def train_model(
     """
     if epochs < 1:
         raise UsageError(f"need at least one epoch, got {epochs}")
+    if not 0 <= warmup_epochs < epochs:
+        raise UsageError(f"warm-up epochs must lie in [0, epochs), got {warmup_epochs} of {epochs}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("CUDA is not available here; use --device cpu")
     try:
         cls = model_class(architecture)
     except ZoompipeError as err:
         raise UsageError(str(err)) from None
+    fields = config_fields(architecture)
+    if warmup_epochs and ("zoom_target_weight" not in fields or zoom_target_weight == 0):
+        raise UsageError("a warm-up trains the zoom target alone; it needs zoommil with a zoom target weight > 0")
     labels = read_labels(labels_csv)
     seed_everything(seed)
     out_dir = Path(out_dir)
@@ -313,7 +334,6 @@ def train_model(
              "zoom_target_weight": zoom_target_weight, "level_dropout": level_dropout,
              "zoom_target_sum": zoom_target_sum, "selection": selection,
              "teacher_instance_weight": teacher_instance_weight}
-    fields = config_fields(architecture)
     model = create_model(architecture, in_dim=in_dim, n_classes=len(class_names), magnifications=mags,
                          **{name: value for name, value in hyper.items() if name in fields}).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -325,7 +345,8 @@ def train_model(
     # What the steps depend on; the device is left out, so a run stopped on one may go on on another.
     steps = fingerprint({"architecture": architecture, "magnifications": mags, "in_dim": in_dim,
                          "classes": class_names, "splits": splits, **hyper, "sigma_end": sigma_end,
-                         "max_grad_norm": max_grad_norm, "epochs": epochs, "lr": lr, "lr_patience": lr_patience,
+                         "max_grad_norm": max_grad_norm, "warmup_epochs": warmup_epochs,
+                         "epochs": epochs, "lr": lr, "lr_patience": lr_patience,
                          "weight_decay": weight_decay, "seed": seed, "sparse": None if sparse is None else {
                              name: value for name, value in dataclasses.asdict(sparse).items()
                              if name not in ("runtime", "batch_size", "workers", "backend")}})
@@ -350,7 +371,7 @@ def train_model(
             if select is not None:
                 select.sigma = sigma_schedule(epoch, epochs, sigma, sigma_end)
             train_loss = train_one_epoch(model, train_set, list(sampler), optimizer, device, bar,
-                                         max_grad_norm)
+                                         max_grad_norm, teacher_only=epoch <= warmup_epochs)
             logits = predict_logits(model, val_set, device)
             val_loss = float(F.cross_entropy(logits, val_targets))
             metrics = classification_metrics(val_targets.numpy(), logits.softmax(dim=1).numpy())
@@ -393,7 +414,8 @@ def train_model(
         "architecture": architecture,
         "magnifications": mags,
         "model": dataclasses.asdict(model.config),
-        "training": {"sigma_end": sigma_end, "max_grad_norm": max_grad_norm, "lr": lr, "lr_patience": lr_patience,
+        "training": {"sigma_end": sigma_end, "max_grad_norm": max_grad_norm, "warmup_epochs": warmup_epochs,
+                     "lr": lr, "lr_patience": lr_patience,
                      "weight_decay": weight_decay, "epochs": epochs, "seed": seed,
                      "split_seed": split_seed},
     }
