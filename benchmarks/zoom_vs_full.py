@@ -75,7 +75,7 @@ from zoompipe.train_defaults import (
     DEFAULT_LR_PATIENCE,
     DEFAULT_SELECTION,
     DEFAULT_TEACHER_INSTANCE_WEIGHT,
-    DEFAULT_WARMUP_EPOCHS,
+    DEFAULT_WARMUP,
     DEFAULT_ZOOM_TARGET_SUM,
     DEFAULT_ZOOM_TARGET_WEIGHT,
     SELECTIONS,
@@ -213,7 +213,7 @@ def same_run(summary: dict[str, Any], run_splits: Path, fold_csv: Path, settings
     # dropout, with soft selection, without the teacher's instance loss and without a warm-up;
     # every run from before lr_patience, with a patience of 5.
     older = ({"level_dropout": 0.0, "selection": "soft", "zoom_target_sum": True, "teacher_instance_weight": 0.0,
-              "warmup_epochs": 0} if summary["architecture"] == "zoommil" else {}) | {"lr_patience": 5}
+              "warmup": 0.0} if summary["architecture"] == "zoommil" else {}) | {"lr_patience": 5}
     recorded = {**older, **summary["model"], **summary["training"]}
     return (run_splits.read_text() == fold_csv.read_text()
             and all(recorded[name] == value for name, value in settings.items() if name in recorded))
@@ -438,8 +438,8 @@ def main() -> None:
                         help="the zooming models' bags above the zoom heads in training")
     parser.add_argument("--teacher-instance-weight", type=float, default=DEFAULT_TEACHER_INSTANCE_WEIGHT,
                         help="ZoomMIL: weight of CLAM's instance loss on the zoom target's teacher")
-    parser.add_argument("--warmup-epochs", type=int, default=DEFAULT_WARMUP_EPOCHS,
-                        help="the zooming models' first epochs on the zoom target alone (within --epochs)")
+    parser.add_argument("--warmup", type=float, default=DEFAULT_WARMUP,
+                        help="the zooming models' fraction of the epochs on the zoom target alone")
     parser.add_argument("--jobs", type=int, default=2, help="processes writing the cohort")
     parser.add_argument("--workers", type=int, default=2, help="patch reader threads")
     parser.add_argument("--precision", default="auto", help="encoder precision, for preprocess and predict alike")
@@ -469,7 +469,7 @@ def main() -> None:
              "hidden": args.hidden, "seed": args.seed,
              "level_dropout": args.level_dropout, "zoom_target_weight": args.zoom_target_weight,
              "selection": args.selection, "zoom_target_sum": args.zoom_target_sum,
-             "teacher_instance_weight": args.teacher_instance_weight, "device": args.device}
+             "teacher_instance_weight": args.teacher_instance_weight, "warmup": args.warmup, "device": args.device}
     predict_options = ["--workers", str(args.workers), "--device", args.device, "--precision", args.precision]
     per_fold: dict[str, list[dict]] = {m.name: [] for m in METHODS}
     t0 = time.perf_counter()
@@ -481,9 +481,8 @@ def main() -> None:
         test = [by_id[s] for s in sorted(splits) if splits[s] == "test"]
         for method in methods:
             grid = search_grid(method, args.lrs, args.ks, args.hiddens, args.lr_patiences)
-            warmup = {"warmup_epochs": args.warmup_epochs} if method.zooms else {}
             run, search = train_fold(method, fold_csv, features, labels_csv,
-                                     out / "runs" / method.slug / f"fold{fold}", grid, fixed | warmup)
+                                     out / "runs" / method.slug / f"fold{fold}", grid, fixed)
             chosen = next(s["config"] for s in search if s["run"] == str(run))
             if method.zooms or (method == ABMIL_10 and (fold == 0 or args.predict_all_folds)):
                 entry = score_with_predict(run, test, out / "cohort", predict_options)
@@ -529,7 +528,7 @@ def main() -> None:
         "epochs": args.epochs, "hidden_zooming": args.hidden, "attn_hidden": args.attn_hidden,
         "level_dropout": args.level_dropout, "zoom_target_weight": args.zoom_target_weight,
         "selection": args.selection, "zoom_target_sum": args.zoom_target_sum,
-        "teacher_instance_weight": args.teacher_instance_weight, "warmup_epochs": args.warmup_epochs,
+        "teacher_instance_weight": args.teacher_instance_weight, "warmup": args.warmup,
         "encoder": PreprocessConfig().encoder,
         "precision": args.precision, "encoder_gflops_per_patch": gflops,
         "timings": timings, "ratios": ratios, "methods": results,

@@ -14,7 +14,7 @@ from zoompipe.train_defaults import (
     DEFAULT_SELECTION,
     DEFAULT_SIGMA_END,
     DEFAULT_TEACHER_INSTANCE_WEIGHT,
-    DEFAULT_WARMUP_EPOCHS,
+    DEFAULT_WARMUP,
     DEFAULT_ZOOM_TARGET_SUM,
     DEFAULT_ZOOM_TARGET_WEIGHT,
     SELECTIONS,
@@ -71,10 +71,11 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
                    "attended 10x patches pseudo-labelled); 0 turns it off.")
 @click.option("--max-grad-norm", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MAX_GRAD_NORM,
               help="Clip each step's gradient norm to this value.")
-@click.option("--warmup-epochs", type=click.IntRange(min=0), default=DEFAULT_WARMUP_EPOCHS, show_default=True,
-              help="ZoomMIL: the first epochs train the zoom target alone (the dense last-magnification teacher "
-                   "and the zoom heads following its attention) before the zoomed bags' classification joins; "
-                   "counted within --epochs.")
+@click.option("--warmup", type=click.FloatRange(min=0, max=1, max_open=True), default=DEFAULT_WARMUP,
+              show_default=True,
+              help="ZoomMIL: this fraction of --epochs trains the zoom target alone (the dense last-magnification "
+                   "teacher and the zoom heads following its attention) before the zoomed bags' classification "
+                   "joins; 0: both from the first epoch.")
 @click.option("--epochs", type=click.IntRange(min=1), default=100, help="Maximum epochs.")
 @click.option("--lr", type=float, default=1e-4, help="Adam learning rate.")
 @click.option("--lr-patience", type=click.IntRange(min=0), default=DEFAULT_LR_PATIENCE, show_default=True,
@@ -110,7 +111,7 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
                    "model an unstopped run gives; its state is kept in OUT/resume/ after every epoch.")
 def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, architecture, magnifications, k, hidden,
                   attn_hidden, sigma, sigma_end, zoom_target_weight, level_dropout, zoom_target_sum, selection,
-                  teacher_instance_weight, max_grad_norm, warmup_epochs, epochs, lr, lr_patience, weight_decay, seed,
+                  teacher_instance_weight, max_grad_norm, warmup, epochs, lr, lr_patience, weight_decay, seed,
                   split_seed, device, patience, cache, sparse, slides, cache_dir, encoder_weights, precision, runtime,
                   batch_size, workers, backend, mask_dir, resume) -> None:
     """Train a model; keep the epoch with the best validation weighted F1.
@@ -135,7 +136,7 @@ def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, architect
                           zoom_target_weight=zoom_target_weight, level_dropout=level_dropout,
                           zoom_target_sum=zoom_target_sum, selection=selection,
                           teacher_instance_weight=teacher_instance_weight,
-                          max_grad_norm=max_grad_norm, warmup_epochs=warmup_epochs,
+                          max_grad_norm=max_grad_norm, warmup=warmup,
                           epochs=epochs, lr=lr, lr_patience=lr_patience, weight_decay=weight_decay, seed=seed,
                           split_seed=split_seed, device=device, patience=patience,
                           cache=cache, sparse=settings, resume=resume)

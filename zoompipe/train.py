@@ -41,7 +41,7 @@ from zoompipe.train_defaults import (
     DEFAULT_SELECTION,
     DEFAULT_SIGMA_END,
     DEFAULT_TEACHER_INSTANCE_WEIGHT,
-    DEFAULT_WARMUP_EPOCHS,
+    DEFAULT_WARMUP,
     DEFAULT_ZOOM_TARGET_SUM,
     DEFAULT_ZOOM_TARGET_WEIGHT,
 )
@@ -103,7 +103,7 @@ def train_one_epoch(
     teacher_only : bool
         Train on the model's auxiliary loss alone (ZoomMIL's zoom target: its dense teacher and
         the zoom heads following it), not on the classification of the zoomed bags (see
-        ``warmup_epochs`` of :func:`train_model`). The forward pass is the same, so sparse
+        ``warmup`` of :func:`train_model`). The forward pass is the same, so sparse
         training still embeds what the soft selection reaches.
 
     Returns
@@ -155,7 +155,7 @@ def train_model(
     selection: str = DEFAULT_SELECTION,
     teacher_instance_weight: float = DEFAULT_TEACHER_INSTANCE_WEIGHT,
     max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM,
-    warmup_epochs: int = DEFAULT_WARMUP_EPOCHS,
+    warmup: float = DEFAULT_WARMUP,
     epochs: int = 100,
     lr: float = 1e-4,
     lr_patience: int = DEFAULT_LR_PATIENCE,
@@ -221,11 +221,12 @@ def train_model(
         (``ZoomMILConfig.teacher_instance_weight``); 0 turns it off.
     max_grad_norm : float, optional
         Gradient norm clipping per step; None turns it off.
-    warmup_epochs : int
-        ZoomMIL: the first epochs train the zoom target alone, that is the dense teacher (ABMIL at
-        the last magnification, sharing its head and classifier) and the zoom heads that follow
-        its attention; the classification of the zoomed bags joins after them. Counted within
-        ``epochs``; needs a zoom target.
+    warmup : float
+        ZoomMIL with a zoom target: this fraction of ``epochs`` (rounded down) trains the zoom
+        target alone, that is the dense teacher (ABMIL at the last magnification, sharing its head
+        and classifier) and the zoom heads that follow its attention; the classification of the
+        zoomed bags joins after it. Other models, and ZoomMIL without a zoom target, have no
+        warm-up; ``train_summary.json`` records the epochs applied (``warmup_epochs``).
     epochs : int
         Maximum number of epochs.
     lr, weight_decay : float
@@ -270,8 +271,8 @@ def train_model(
     """
     if epochs < 1:
         raise UsageError(f"need at least one epoch, got {epochs}")
-    if not 0 <= warmup_epochs < epochs:
-        raise UsageError(f"warm-up epochs must lie in [0, epochs), got {warmup_epochs} of {epochs}")
+    if not 0 <= warmup < 1:
+        raise UsageError(f"the warm-up is a fraction of the epochs in [0, 1), got {warmup}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("CUDA is not available here; use --device cpu")
     try:
@@ -279,8 +280,7 @@ def train_model(
     except ZoompipeError as err:
         raise UsageError(str(err)) from None
     fields = config_fields(architecture)
-    if warmup_epochs and ("zoom_target_weight" not in fields or zoom_target_weight == 0):
-        raise UsageError("a warm-up trains the zoom target alone; it needs zoommil with a zoom target weight > 0")
+    warmup_epochs = int(warmup * epochs) if "zoom_target_weight" in fields and zoom_target_weight > 0 else 0
     labels = read_labels(labels_csv)
     seed_everything(seed)
     out_dir = Path(out_dir)
@@ -414,8 +414,8 @@ def train_model(
         "architecture": architecture,
         "magnifications": mags,
         "model": dataclasses.asdict(model.config),
-        "training": {"sigma_end": sigma_end, "max_grad_norm": max_grad_norm, "warmup_epochs": warmup_epochs,
-                     "lr": lr, "lr_patience": lr_patience,
+        "training": {"sigma_end": sigma_end, "max_grad_norm": max_grad_norm, "warmup": warmup,
+                     "warmup_epochs": warmup_epochs, "lr": lr, "lr_patience": lr_patience,
                      "weight_decay": weight_decay, "epochs": epochs, "seed": seed,
                      "split_seed": split_seed},
     }

@@ -42,9 +42,9 @@ DEFAULT_LEVEL_DROPOUT = 0.5
 #: 1.00 / 1.00 / 1.00 (mean 0.92) against 0.94 without it (README, the zoom benchmark), so it is off.
 DEFAULT_TEACHER_INSTANCE_WEIGHT = 0.0
 
-#: Epochs in which ZoomMIL trains its zoom target alone before the zoomed bags' classification
-#: joins (``train_model``'s ``warmup_epochs``); 0: both from the first epoch.
-DEFAULT_WARMUP_EPOCHS = 0
+#: Fraction of the epochs in which ZoomMIL trains its zoom target alone before the zoomed bags'
+#: classification joins (``train_model``'s ``warmup``); 0: both from the first epoch.
+DEFAULT_WARMUP = 0.0
 
 #: How ZoomMIL's training builds the bags above its zoom heads (``ZoomMILConfig.selection``).
 SELECTIONS = ("soft", "straight_through")
