@@ -56,7 +56,7 @@ from zoompipe.preprocess import PreprocessConfig, preprocess_slides  # noqa: E40
 from zoompipe.sparse import SparseSettings  # noqa: E402
 from zoompipe.synthetic import write_cohort  # noqa: E402
 from zoompipe.train import train_model  # noqa: E402
-from zoompipe.train_defaults import DEFAULT_LR_PATIENCE  # noqa: E402
+from zoompipe.train_defaults import DEFAULT_LR_PATIENCE, DEFAULT_WARMUP  # noqa: E402
 
 CASCADE = [1.25, 2.5, 10.0]
 
@@ -108,6 +108,8 @@ def main() -> None:
                         help="epochs without a lower validation loss before the learning rate falls (0: constant)")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--zoom-target-weight", type=float, default=1.0)
+    parser.add_argument("--warmup", type=float, default=DEFAULT_WARMUP,
+                        help="fraction of the epochs on the zoom target alone (train --warmup), for both")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--workers", type=int, default=2)
@@ -133,7 +135,7 @@ def main() -> None:
         features = {"dense": out / "dense" / "features", "sparse": out / "base" / "features"}
     settings = dict(k=args.k, hidden=args.hidden, attn_hidden=args.hidden // 2, epochs=args.epochs, lr=args.lr,
                     lr_patience=args.lr_patience, seed=args.seed, zoom_target_weight=args.zoom_target_weight,
-                    progress=False)
+                    warmup=args.warmup, progress=False)
     labels = read_labels(labels_csv)
     # Through JSON, so that it compares equal to the settings read back from a fold's file.
     recorded = json.loads(json.dumps({**settings, "precision": args.precision, "cascade": CASCADE}))
