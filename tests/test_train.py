@@ -306,11 +306,12 @@ def test_a_warm_up_trains_the_zoom_target_alone(features, tmp_path: Path, monkey
 
     monkeypatch.setattr(zoompipe.train, "train_one_epoch", recorded)
     # Half of 3 epochs, rounded down; a model without a zoom target has no warm-up.
-    for architecture, zoom_target_weight, applied in (("zoommil", 1.0, 1), ("zoommil", 0.0, 0), ("abmil", 1.0, 0)):
+    for case, (architecture, zoom_target_weight, mags, applied) in enumerate((
+            ("zoommil", 1.0, MAGS, 1), ("zoommil", 0.0, MAGS, 0), ("zoommil", 1.0, [10.0], 0), ("abmil", 1.0, None, 0))):
         epochs_run.clear()
-        summary = train_model(features_dir, labels, tmp_path / f"{architecture}{zoom_target_weight}", k=2, epochs=3,
-                              warmup=0.5, architecture=architecture, zoom_target_weight=zoom_target_weight, lr=1e-3,
-                              seed=1, progress=False)
+        summary = train_model(features_dir, labels, tmp_path / f"run{case}", k=2, epochs=3, warmup=0.5,
+                              architecture=architecture, magnifications=mags, zoom_target_weight=zoom_target_weight,
+                              lr=1e-3, seed=1, progress=False)
         assert summary["training"]["warmup"] == 0.5 and summary["training"]["warmup_epochs"] == applied
         assert epochs_run == [True] * applied + [False] * (3 - applied)
 

@@ -225,8 +225,8 @@ def train_model(
         ZoomMIL with a zoom target: this fraction of ``epochs`` (rounded down) trains the zoom
         target alone, that is the dense teacher (ABMIL at the last magnification, sharing its head
         and classifier) and the zoom heads that follow its attention; the classification of the
-        zoomed bags joins after it. Other models, and ZoomMIL without a zoom target, have no
-        warm-up; ``train_summary.json`` records the epochs applied (``warmup_epochs``).
+        zoomed bags joins after it. Other models, and ZoomMIL without a zoom target (weight 0, or
+        a single magnification), have no warm-up; ``train_summary.json`` records the epochs applied (``warmup_epochs``).
     epochs : int
         Maximum number of epochs.
     lr, weight_decay : float
@@ -279,8 +279,6 @@ def train_model(
         cls = model_class(architecture)
     except ZoompipeError as err:
         raise UsageError(str(err)) from None
-    fields = config_fields(architecture)
-    warmup_epochs = int(warmup * epochs) if "zoom_target_weight" in fields and zoom_target_weight > 0 else 0
     labels = read_labels(labels_csv)
     seed_everything(seed)
     out_dir = Path(out_dir)
@@ -334,6 +332,9 @@ def train_model(
              "zoom_target_weight": zoom_target_weight, "level_dropout": level_dropout,
              "zoom_target_sum": zoom_target_sum, "selection": selection,
              "teacher_instance_weight": teacher_instance_weight}
+    fields = config_fields(architecture)
+    zoom_target = "zoom_target_weight" in fields and zoom_target_weight > 0 and len(mags) > 1
+    warmup_epochs = int(warmup * epochs) if zoom_target else 0
     model = create_model(architecture, in_dim=in_dim, n_classes=len(class_names), magnifications=mags,
                          **{name: value for name, value in hyper.items() if name in fields}).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
