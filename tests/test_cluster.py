@@ -181,7 +181,9 @@ def test_a_slide_lost_after_its_retries_is_sent_once_more_alone(client, tmp_path
                          on_result=lambda s, r: None, on_lost=lambda s, deaths: lost.append((s, deaths)),
                          progress=False, label="test-alone")
     assert results == {sources[0]: "unlucky after 2 deaths", sources[1]: "fine after 0 deaths"} and lost == []
-    client.wait_for_workers(2, timeout=300)
+    # No wait for both workers here, unlike the test above: no later test uses this cluster, and
+    # under load dask has closed a nanny whose worker it was restarting (twice, with benchmarks
+    # on the 2 cores), which says nothing of run_slides.
 
 
 def test_two_concurrent_runs_on_one_folder_process_every_slide_once(slides, tmp_path):
