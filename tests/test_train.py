@@ -307,7 +307,8 @@ def test_a_warm_up_trains_the_zoom_target_alone(features, tmp_path: Path, monkey
     monkeypatch.setattr(zoompipe.train, "train_one_epoch", recorded)
     # Half of 3 epochs, rounded down; a model without a zoom target has no warm-up.
     for case, (architecture, zoom_target_weight, mags, applied) in enumerate((
-            ("zoommil", 1.0, MAGS, 1), ("zoommil", 0.0, MAGS, 0), ("zoommil", 1.0, [10.0], 0), ("abmil", 1.0, None, 0))):
+            ("zoommil", 1.0, MAGS, 1), ("zoommil", 0.0, MAGS, 0), ("zoommil", 1.0, [10.0], 0),
+            ("abmil", 1.0, None, 0))):
         epochs_run.clear()
         summary = train_model(features_dir, labels, tmp_path / f"run{case}", k=2, epochs=3, warmup=0.5,
                               architecture=architecture, magnifications=mags, zoom_target_weight=zoom_target_weight,

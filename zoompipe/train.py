@@ -333,10 +333,9 @@ def train_model(
              "zoom_target_sum": zoom_target_sum, "selection": selection,
              "teacher_instance_weight": teacher_instance_weight}
     fields = config_fields(architecture)
-    zoom_target = "zoom_target_weight" in fields and zoom_target_weight > 0 and len(mags) > 1
-    warmup_epochs = int(warmup * epochs) if zoom_target else 0
     model = create_model(architecture, in_dim=in_dim, n_classes=len(class_names), magnifications=mags,
                          **{name: value for name, value in hyper.items() if name in fields}).to(device)
+    warmup_epochs = int(warmup * epochs) if getattr(model, "trains_zoom_target", False) else 0
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.8, patience=lr_patience)
                  if lr_patience else None)

@@ -246,6 +246,11 @@ class ZoomMIL(nn.Module):
         if config.teacher_instance_weight > 0:
             self.instance_classifiers = instance_classifiers(config.hidden, config.n_classes)
 
+    @property
+    def trains_zoom_target(self) -> bool:
+        """Whether training adds the zoom target (:meth:`zoom_target_loss`) as ``aux_loss``."""
+        return self.config.zoom_target_weight > 0 and len(self.levels) > 1
+
     def forward(
         self, bags: list[Tensor] | RowSource, children: list[Tensor], label: int | None = None
     ) -> ZoomOutput:
@@ -280,7 +285,7 @@ class ZoomMIL(nn.Module):
         if self.training:
             logits, below_last = self._forward_soft(source.base(), children, source.rows)
             out = ZoomOutput(logits=logits)
-            if self.config.zoom_target_weight > 0 and n_mags > 1:
+            if self.trains_zoom_target:
                 known, known_children, complete = source.known()
                 below = below_last if self.config.zoom_target_sum else None
                 loss = self.zoom_target_loss(known, known_children, label, below, complete)
