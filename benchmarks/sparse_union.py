@@ -54,8 +54,9 @@ def prune_rare_parents(min_share: float) -> None:
     """In training, zero the parents that fewer than ``min_share`` of the samples select."""
     forward = topk.PerturbedTopK.forward
 
-    def pruned(self: topk.PerturbedTopK, scores: torch.Tensor, k: int, mask: torch.Tensor | None = None):
-        out = forward(self, scores, k, mask)
+    def pruned(self: topk.PerturbedTopK, scores: torch.Tensor, k: int, mask: torch.Tensor | None = None,
+               generator: torch.Generator | None = None):
+        out = forward(self, scores, k, mask, generator)
         if not self.training:
             return out
         share = out.sum(dim=1, keepdim=True)  # probability that a parent is among the K
@@ -78,17 +79,19 @@ def explore_known_only(seen: dict[tuple[int, int], set[int]], multiple: float, b
     select = topk.PerturbedTopK.forward
     pending: dict[str, torch.Tensor] = {}
 
-    def forward_soft(self: zoommil.ZoomMIL, h0: torch.Tensor, children: list[torch.Tensor], fetch_rows):
+    def forward_soft(self: zoommil.ZoomMIL, h0: torch.Tensor, children: list[torch.Tensor], fetch_rows,
+                     generator: torch.Generator | None = None):
         source = fetch_rows.__self__  # the slide's DenseRows
         asked = torch.tensor(sorted(seen.get((id(source.bags[0]), 1), set())), dtype=torch.long)
         index = children[0]
         pending["explored"] = (torch.isin(index, asked) | (index < 0)).all(dim=1) & (index >= 0).any(dim=1)
         try:
-            return soft(self, h0, children, fetch_rows)
+            return soft(self, h0, children, fetch_rows, generator)
         finally:
             pending.clear()
 
-    def restricted(self: topk.PerturbedTopK, scores: torch.Tensor, k: int, mask: torch.Tensor | None = None):
+    def restricted(self: topk.PerturbedTopK, scores: torch.Tensor, k: int, mask: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None):
         explored = pending.pop("explored", None)  # the base step's call comes first, without a mask
         if self.training and explored is not None and mask is None:
             n = scores.shape[-1]
@@ -100,7 +103,7 @@ def explore_known_only(seen: dict[tuple[int, int], set[int]], multiple: float, b
             mask = explored.clone()
             mask[best] = True
             mask = mask[None]
-        return select(self, scores, k, mask)
+        return select(self, scores, k, mask, generator)
 
     zoommil.ZoomMIL._forward_soft = forward_soft
     topk.PerturbedTopK.forward = restricted

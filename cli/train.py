@@ -103,6 +103,13 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
               help="With --sparse: encoder runtime; auto: OpenVINO for fp32 on CPU, torch otherwise.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, help="With --sparse: patches per encoder batch.")
 @click.option("--workers", type=click.IntRange(min=1), default=2, help="With --sparse: patch reader threads.")
+@click.option("--lookahead", type=click.IntRange(min=0), default=1,
+              help="With --sparse: training slides whose children are embedded ahead, in the background, while the "
+                   "model trains on the current one; 0: none. The model trained is the same.")
+@click.option("--cluster", default=None, metavar="SPEC",
+              help="With --sparse: embed the children on Dask workers: local:N (N worker processes; local:NxT for T "
+                   "threads each), tcp://HOST:8786 or a scheduler file (workers that see the slides at the same path). "
+                   "[default: this process]")
 @click.option("--backend", type=click.Choice(["auto", "openslide", "tiffslide"]), default="auto",
               help="With --sparse: slide library.")
 @mask_dir_option
@@ -113,7 +120,7 @@ def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, architect
                   attn_hidden, sigma, sigma_end, zoom_target_weight, level_dropout, zoom_target_sum, selection,
                   teacher_instance_weight, max_grad_norm, warmup, epochs, lr, lr_patience, weight_decay, seed,
                   split_seed, device, patience, cache, sparse, slides, cache_dir, encoder_weights, precision, runtime,
-                  batch_size, workers, backend, mask_dir, resume) -> None:
+                  batch_size, workers, lookahead, cluster, backend, mask_dir, resume) -> None:
     """Train a model; keep the epoch with the best validation weighted F1.
 
     Writes OUT/model.safetensors and OUT/config.json (best epoch; architecture, hyper-parameters,
@@ -127,7 +134,7 @@ def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, architect
 
     settings = SparseSettings(slides=list(slides) or None, cache_dir=cache_dir, weights=encoder_weights,
                               precision=precision, runtime=runtime, batch_size=batch_size, workers=workers,
-                              backend=backend, mask_dir=mask_dir) if sparse else None
+                              lookahead=lookahead, cluster=cluster, backend=backend, mask_dir=mask_dir) if sparse else None
 
     summary = train_model(features_dir, labels_csv, out_dir, architecture=architecture, splits_csv=splits_csv,
                           fold=fold,

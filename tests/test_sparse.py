@@ -102,12 +102,15 @@ def test_cached_children_are_the_dense_features_of_their_cells(cohort, runs) -> 
                 cached_total[f"{grid.magnification:g}x"] += len(grid)
         assert len(cache.grids[0]) == len(dense.grids[0])  # the base in full
         read_bags(cohort / "sparse_run" / "feature_cache" / f"s{i}.h5", CASCADE)  # parents: rows of the group below
-    # Every patch cached was embedded by this run, and counted once.
-    embedded = report["embedded_patches"]
-    assert {g: embedded[g] for g in ("5x", "10x")} == cached_total
-    per_epoch = {g: sum(e.get(p, {}).get(g, 0) for e in report["per_epoch"] for p in ("train", "val"))
-                 for g in ("5x", "10x")}
-    assert per_epoch == cached_total
+    # Every patch cached was embedded by this run and counted once: in its step, or ahead of it
+    # (SparseSettings.lookahead) and then used; the rest of what was embedded ahead is counted too.
+    embedded, ahead = report["embedded_patches"], report["ahead"]
+    in_step = {g: sum(e.get(p, {}).get(g, 0) for e in report["per_epoch"] for p in ("train", "val"))
+               for g in ("5x", "10x")}
+    assert ahead["lookahead"] == 1 and sum(ahead["used"].values()) > 0
+    assert {g: in_step[g] + ahead["used"][g] for g in in_step} == cached_total
+    assert {g: embedded[g] for g in in_step} == {g: in_step[g] + ahead["embedded"][g] for g in in_step}
+    assert all(ahead["used"][g] <= ahead["embedded"][g] for g in in_step)
     assert report["dense_patches"]["10x"] > 2 * embedded["10x"]
     assert report["total_dense"] == sum(report["dense_patches"].values())
     assert report["dense_patches"]["2.5x"] == embedded["2.5x"]
@@ -119,13 +122,74 @@ def test_a_rerun_reuses_the_cache_and_trains_the_same_model(cohort, runs) -> Non
         str(cohort / "labels.csv"), "--splits", str(cohort / "splits.csv"), "--out", str(cohort / "rerun"),
         "--magnifications", "2.5,5,10", "--cache-dir", str(cohort / "sparse_run" / "feature_cache"),
         "--precision", "fp32", "--k", "1", "--hidden", "32", "--attn-hidden", "16", "--epochs", "3", "--lr", "1e-3",
-        "--seed", "3", "--zoom-target-weight", "0"])
+        "--seed", "3", "--zoom-target-weight", "0", "--lookahead", "0"])
     assert result.exit_code == 0, result.output
     report = json.loads((cohort / "rerun" / "train_summary.json").read_text())["sparse"]
     assert all(set(epoch) == {"epoch"} for epoch in report["per_epoch"])  # nothing embedded again
-    assert report["reused_from_cache"] == {g: runs[1]["sparse"]["embedded_patches"][g] for g in ("5x", "10x")}
+    first = runs[1]["sparse"]
+    unused = {g: first["ahead"]["embedded"][g] - first["ahead"]["used"][g] for g in ("5x", "10x")}
+    assert report["reused_from_cache"] == {g: first["embedded_patches"][g] - unused[g] for g in ("5x", "10x")}
     a, b = _weights(cohort / "sparse_run"), _weights(cohort / "rerun")
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_rows_embedded_ahead_are_known_only_once_a_step_asks_for_them() -> None:
+    bags = [torch.arange(12.0).view(4, 3), torch.arange(48.0).view(16, 3)]
+    embedded: list[tuple[int, list[int], bool]] = []
+
+    def embed(ahead: bool):
+        def rows(level: int, rows: np.ndarray) -> np.ndarray:
+            embedded.append((level, rows.tolist(), ahead))
+            return bags[level][rows].numpy()
+        return rows
+
+    lazy = LazyRows(RowStore([4, 16], bags[0].numpy()), [torch.arange(16).view(4, 4)], embed(False), embed(True))
+    torch.testing.assert_close(lazy.ahead(1, torch.tensor([9, 2, 5])), bags[1][[9, 2, 5]])
+    assert lazy.store.count(1) == 0 and lazy.known()[0][1].shape == (0, 3)  # staged, not known
+    lazy.keep_reached()  # after the exploration: all three were reached, all stay
+    torch.testing.assert_close(lazy.rows(1, torch.tensor([2, 3])), bags[1][[2, 3]])
+    assert embedded == [(1, [2, 5, 9], True), (1, [3], False)]  # row 2 was not embedded twice
+    assert lazy.used_ahead[1] == 1 and lazy.store.known_rows(1).tolist() == [2, 3]
+    lazy.ahead(1, torch.tensor([3, 9]))  # known and staged rows are not embedded again
+    lazy.keep_reached()  # row 5 was not reached again: it goes
+    assert embedded[2:] == [] and sorted(lazy.staged[1]) == [9]
+
+
+def test_embedding_ahead_trains_the_same_model(cohort) -> None:
+    # With the zoom target, whose teacher reads every row known so far: rows embedded ahead that
+    # no step asked for must not reach it, or embedding ahead would change the model.
+    runs = {n: _train(cohort, f"ahead_{n}", SparseSettings(precision="fp32", lookahead=n,
+                                                           cache_dir=str(cohort / f"ahead_{n}_cache")))
+            for n in (0, 2)}
+    assert _log(cohort / "ahead_2") == _log(cohort / "ahead_0")
+    a, b = _weights(cohort / "ahead_0"), _weights(cohort / "ahead_2")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5)
+    for i in range(6):
+        cells = [read_feature_file(cohort / f"ahead_{n}_cache" / f"s{i}.h5").grids for n in (0, 2)]
+        for grid_0, grid_2 in zip(*cells):
+            np.testing.assert_array_equal(grid_2.cells, grid_0.cells)
+    ahead = runs[2]["sparse"]["ahead"]
+    assert sum(ahead["used"].values()) > 0 and runs[0]["sparse"]["ahead"]["embedded"] == {"5x": 0, "10x": 0}
+
+
+def test_children_embedded_by_cluster_workers_train_the_same_model(cohort, runs) -> None:
+    # One worker process builds the encoder and embeds every child, in the steps and ahead.
+    report = _train(cohort, "on_cluster", SparseSettings(precision="fp32", cluster="local:1",
+                                                         cache_dir=str(cohort / "on_cluster_cache")),
+                    zoom_target_weight=0.0)["sparse"]
+    assert _log(cohort / "on_cluster") == _log(cohort / "sparse_run")
+    a, b = _weights(cohort / "sparse_run"), _weights(cohort / "on_cluster")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5)
+    assert report["embedded_patches"] == runs[1]["sparse"]["embedded_patches"]
+    for i in range(6):
+        local = read_feature_file(cohort / "sparse_run" / "feature_cache" / f"s{i}.h5")
+        remote = read_feature_file(cohort / "on_cluster_cache" / f"s{i}.h5")
+        for a_grid, b_grid, a_features, b_features in zip(local.grids, remote.grids, local.features,
+                                                          remote.features):
+            np.testing.assert_array_equal(b_grid.cells, a_grid.cells)
+            np.testing.assert_allclose(b_features, a_features, rtol=0, atol=1e-5)
 
 
 def test_with_every_child_cached_the_zoom_target_is_the_dense_one(cohort) -> None:
@@ -166,6 +230,8 @@ def test_bad_sparse_runs_fail_in_one_line(cohort, tmp_path) -> None:
     code, out = _cli_error(cohort, "--out", str(tmp_path / "e"), "--magnifications", "2.5,5,10", "--slides",
                            str(tmp_path / "missing.svs"))
     assert code == 2 and "no such file" in out
+    code, out = _cli_error(cohort, "--out", str(tmp_path / "g"), "--magnifications", "2.5,5,10", "--cluster", "lots")
+    assert code == 2 and "--cluster 'lots'" in out and len(out.strip().splitlines()) == 1
     # Slides moved away from the path the feature files record: the slide is named, no traceback.
     moved = tmp_path / "moved"
     shutil.copytree(cohort / "base" / "features", moved)

@@ -198,6 +198,19 @@ def _predict_task(source: SlideSource, settings: Any, out: Path, heatmap: bool, 
 
 # Client side.
 
+def _embed_task(source: SlideSource, contract: Any, grid: Any, settings: Any, device: str, precision: str,
+                threads: int | None) -> Any:
+    from .engine import contract_encoder
+    from .sparse import embed_grid
+
+    slot = _kept(("sparse-encoder", contract.encoder.model_dump_json(), settings.weights, device, precision,
+                  settings.runtime))
+    with slot.lock:
+        encoder = _build_once(slot, lambda: contract_encoder(contract, settings.weights, device, precision,
+                                                             settings.runtime), threads)
+        return embed_grid(source, contract, grid, encoder, settings)
+
+
 def _absolute(source: SlideSource) -> SlideSource:
     """A local slide by its absolute path: workers may run elsewhere, in another folder."""
     return source if source.remote else slide_source(source.local_path.resolve())
@@ -283,6 +296,22 @@ def run_slides(client: Client, task: Callable[..., Any], paths: Sequence[SlideSo
                 bar.update()
             top_up()
     return results
+
+
+def embed_on_cluster(client: Client, source: SlideSource, contract: Any, grid: Any, settings: Any, device: str,
+                     precision: str, threads: int | None) -> Any:
+    """Sparse training's :func:`~zoompipe.sparse.embed_grid` as a task on a worker; waits for the features.
+
+    The worker builds the contract's encoder once and keeps it (``settings`` is the run's
+    :class:`~zoompipe.sparse.SparseSettings`, ``threads`` its compute threads, None to keep its
+    own). A worker that dies takes the task to another one, as a slide of ``preprocess``.
+    """
+    future = client.submit(_embed_task, _absolute(source), contract, grid, settings, device, precision, threads,
+                           resources={"GPU": 1} if device.startswith("cuda") else None, pure=False)
+    try:
+        return future.result()
+    finally:
+        future.release()
 
 
 class _Table:

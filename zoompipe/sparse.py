@@ -18,14 +18,21 @@ embeds from the raw slide the children the step needs that no earlier step embed
   the cached group below). It is rewritten atomically whenever rows are added, read back by
   :func:`~zoompipe.features.read_feature_file`, and matched to the layout by cell, so a rerun
   (or another run on the same slides and contract) embeds nothing twice.
+- **Embedding ahead** (:mod:`zoompipe.prefetch`): while the model trains on one slide, a
+  background thread embeds the children that the next slides' steps will probably ask for
+  (:meth:`LazyRows.ahead`). They wait in memory until a step asks for them, so what the model
+  sees, the zoom target's known rows included, is what it sees without embedding ahead.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +75,14 @@ class SparseSettings:
         features of one kind.
     batch_size, workers : int
         Encoder batch and patch reader threads.
+    lookahead : int
+        Training slides whose children are embedded ahead, in background threads, while the
+        model trains on the current one (:mod:`zoompipe.prefetch`); 0 embeds only what each
+        step asks, when it asks. It changes when patches are embedded, not the model trained.
+    cluster : str, optional
+        Embed on the workers of a Dask cluster (:func:`~zoompipe.cluster.parse_cluster`:
+        ``local:N``, ``tcp://HOST:8786``, a scheduler file) instead of in this process; with
+        a lookahead of L, up to L + 1 slides embed at once. The workers must see the slides.
     backend : str
         Slide library.
     mask_dir : str, optional
@@ -81,6 +96,8 @@ class SparseSettings:
     runtime: str = "auto"
     batch_size: int = 32
     workers: int = 2
+    lookahead: int = 1
+    cluster: str | None = None
     backend: str = "auto"
     mask_dir: str | None = None
 
@@ -229,41 +246,77 @@ class FeatureCache(RowStore):
         write_feature_file(self.path, self.contract, {**self.attrs, "sparse_cache": True}, grids, features)
 
 
+def embed_grid(source: SlideSource, contract: PipelineContract, grid: PatchGrid, encoder: Encoder,
+               settings: SparseSettings) -> np.ndarray:
+    """Features (len(grid), D) of the patches of ``grid``, read from the slide of ``source``."""
+    with open_slide(source, backend=settings.backend, mpp=override_mpp(contract)) as slide:
+        return embed_patches(slide, grid.coords, grid.mpp, grid.patch_size, encoder,
+                             batch_size=settings.batch_size, workers=settings.workers)
+
+
 class ChildEmbedder:
     """Embeds patches of the layout from the raw slides, with the contract's encoder, and counts them.
 
-    The encoder is built on first use. Building and running it never draws from torch's global
-    random stream, so a seeded run trains the same whether its features were cached or not.
+    The encoder is built on first use, or by :meth:`build`. Building it never draws from torch's
+    global random stream (running it draws nothing), so a seeded run trains the same whether its
+    features were cached or not. Calls from several threads take turns on the local encoder; on
+    a cluster (:meth:`on_cluster`) each call is a task, and calls run at once.
     """
 
     def __init__(self, contract: PipelineContract, settings: SparseSettings, device: str) -> None:
         self.contract, self.settings, self.device = contract, settings, device
+        # Children join the base features in one bag: by default they are embedded in the
+        # precision the base features were, not in what this machine would pick.
+        self.precision = contract.encoder.precision if settings.precision == "auto" else settings.precision
         self._encoder: Encoder | None = None
+        self._lock = threading.Lock()
+        self._cluster: Callable[[SlideSource, PipelineContract, PatchGrid], np.ndarray] | None = None
         #: (phase, magnification) -> patches embedded since the last :meth:`take_counts`.
         self.counts: Counter[tuple[str, float]] = Counter()
 
+    def build(self) -> None:
+        """Build the local encoder now. Call it from the training thread before embedding in another
+        one: the global random state that building forks and restores is shared by every thread."""
+        if self._encoder is None:
+            with torch.random.fork_rng(devices=[]):
+                self._encoder = contract_encoder(self.contract, self.settings.weights, self.device, self.precision,
+                                                 self.settings.runtime)
+
+    @contextmanager
+    def on_cluster(self) -> Iterator[None]:
+        """While the block runs, embed on the workers of ``settings.cluster`` (without one, locally)."""
+        if self.settings.cluster is None:
+            yield
+            return
+        from .cluster import connect, embed_on_cluster, local_threads
+
+        with connect(self.settings.cluster, gpu=str(self.device).startswith("cuda")) as (client, spec):
+            self._cluster = partial(embed_on_cluster, client, settings=self.settings, device=str(self.device),
+                                    precision=self.precision, threads=local_threads(spec))
+            try:
+                yield
+            finally:
+                self._cluster = None
+
     def __call__(self, source: SlideSource, slide_contract: PipelineContract, grid: PatchGrid,
                  phase: str) -> np.ndarray:
-        settings = self.settings
-        with torch.random.fork_rng(devices=[]):
-            if self._encoder is None:
-                # Children join the base features in one bag: by default they are embedded in the
-                # precision the base features were, not in what this machine would pick.
-                precision = self.contract.encoder.precision if settings.precision == "auto" else settings.precision
-                self._encoder = contract_encoder(self.contract, settings.weights, self.device, precision,
-                                                 settings.runtime)
-            with open_slide(source, backend=settings.backend, mpp=override_mpp(slide_contract)) as slide:
-                features = embed_patches(slide, grid.coords, grid.mpp, grid.patch_size, self._encoder,
-                                         batch_size=settings.batch_size, workers=settings.workers)
-        self.counts[phase, grid.magnification] += len(grid)
+        if self._cluster is not None:
+            features = self._cluster(source, slide_contract, grid)
+        else:
+            with self._lock:
+                self.build()
+                features = embed_grid(source, slide_contract, grid, self._encoder, self.settings)
+        with self._lock:
+            self.counts[phase, grid.magnification] += len(grid)
         return features
 
     def take_counts(self) -> dict[str, dict[str, int]]:
         """Patches embedded since the last call, ``{phase: {"2.5x": n, ...}}``; resets the counts."""
         out: dict[str, dict[str, int]] = {}
-        for (phase, magnification), n in sorted(self.counts.items()):
-            out.setdefault(phase, {})[group_name(magnification)] = n
-        self.counts.clear()
+        with self._lock:
+            for (phase, magnification), n in sorted(self.counts.items()):
+                out.setdefault(phase, {})[group_name(magnification)] = n
+            self.counts.clear()
         return out
 
 
@@ -278,12 +331,25 @@ class LazyRows:
         Per magnification but the last, (N_i, C) rows of each patch's children, -1 for none.
     embed : callable
         ``embed(level, rows) -> (len(rows), D) features`` of the ascending ``rows`` of ``level``.
+    embed_ahead : callable, optional
+        The same, for rows embedded ahead of the step that needs them (:meth:`ahead`), so
+        that they can be counted apart; ``embed`` by default.
+
+    Rows embedded ahead wait in memory (``staged``, per level ``{row: features}``) until
+    :meth:`rows` asks for them; only then are they known. One thread at a time may use a
+    ``LazyRows`` (:mod:`zoompipe.prefetch` never embeds ahead for the slide being trained on).
     """
 
     def __init__(self, store: RowStore, children: list[Tensor],
-                 embed: Callable[[int, np.ndarray], np.ndarray]) -> None:
+                 embed: Callable[[int, np.ndarray], np.ndarray],
+                 embed_ahead: Callable[[int, np.ndarray], np.ndarray] | None = None) -> None:
         self.store, self.children, self.embed = store, children, embed
+        self.embed_ahead = embed if embed_ahead is None else embed_ahead
         self.device: str | torch.device = "cpu"
+        self.staged: list[dict[int, np.ndarray]] = [{} for _ in store.position]
+        self._reached: list[set[int]] = [set() for _ in store.position]
+        #: Per level, rows embedded ahead that a step then asked for.
+        self.used_ahead: Counter[int] = Counter()
 
     def to(self, device: str | torch.device) -> LazyRows:
         """Give features on ``device`` from now on."""
@@ -297,9 +363,44 @@ class LazyRows:
         wanted = rows.cpu().numpy()
         missing = self.store.missing(level, wanted)
         if len(missing):
-            self.store.add(level, missing, self.embed(level, missing))
+            staged = self.staged[level]
+            ready = np.array([row in staged for row in missing.tolist()], bool)
+            features = np.empty((len(missing), self.store.features[0].shape[1]), np.float32)
+            if ready.any():
+                features[ready] = np.stack([staged.pop(row) for row in missing[ready].tolist()])
+                self.used_ahead[level] += int(ready.sum())
+            if not ready.all():
+                features[~ready] = self.embed(level, missing[~ready])
+            self.store.add(level, missing, features)
             self.store.save()
         return torch.from_numpy(self.store.get(level, wanted)).to(self.device)
+
+    def ahead(self, level: int, rows: Tensor) -> Tensor:
+        """As :meth:`rows`, but rows not known yet are embedded into ``staged``, not made known."""
+        wanted = rows.cpu().numpy()
+        staged = self.staged[level]
+        self._reached[level].update(wanted.tolist())
+        new = self.store.missing(level, wanted)
+        new = new[[row not in staged for row in new.tolist()]]
+        if len(new):
+            staged.update(zip(new.tolist(), self.embed_ahead(level, new)))
+        known = self.store.position[level][wanted] >= 0
+        features = np.empty((len(wanted), self.store.features[0].shape[1]), np.float32)
+        if known.any():
+            features[known] = self.store.get(level, wanted[known])
+        if not known.all():
+            features[~known] = np.stack([staged[row] for row in wanted[~known].tolist()])
+        return torch.from_numpy(features).to(self.device)
+
+    def keep_reached(self) -> None:
+        """Forget the rows embedded ahead that no :meth:`ahead` call reached since the last call.
+
+        Called after each exploration: the staged rows it reached again stay for the next step
+        (they are not embedded twice), the others go, so memory stays bounded by one exploration.
+        """
+        self.staged = [{row: f for row, f in staged.items() if row in reached}
+                       for staged, reached in zip(self.staged, self._reached)]
+        self._reached = [set() for _ in self._reached]
 
     def known(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         store = self.store
@@ -333,7 +434,8 @@ class SparseSlide(LazyRows):
                  cache: FeatureCache, embedder: ChildEmbedder, phase: str) -> None:
         children = [torch.from_numpy(children_index(a, b)) for a, b in zip(layout, layout[1:])]
         super().__init__(cache, children,
-                         lambda level, rows: embedder(source, contract, layout[level].take(rows), phase))
+                         lambda level, rows: embedder(source, contract, layout[level].take(rows), phase),
+                         lambda level, rows: embedder(source, contract, layout[level].take(rows), "ahead"))
         self.cache, self.layout = cache, layout
 
 
@@ -413,6 +515,11 @@ class SparseDataset(Dataset):
         """Patches per magnification that dense preprocessing of these slides embeds."""
         mags = [g.magnification for g in self.slides[0].layout] if self.slides else []
         return {group_name(m): sum(len(s.layout[i]) for s in self.slides) for i, m in enumerate(mags)}
+
+    def used_ahead_counts(self) -> dict[str, int]:
+        """Patches per magnification above the base that were embedded ahead and then used."""
+        mags = [g.magnification for g in self.slides[0].layout] if self.slides else []
+        return {group_name(m): sum(s.used_ahead[i] for s in self.slides) for i, m in enumerate(mags) if i}
 
     def cached_counts(self) -> dict[str, int]:
         """Patches per magnification known in the caches now (the base included)."""

@@ -6,7 +6,8 @@ import dataclasses
 import json
 import os
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,6 +92,7 @@ def train_one_epoch(
     progress: tqdm | None = None,
     max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM,
     teacher_only: bool = False,
+    prefetch: Callable[[Sequence[int], int], None] | None = None,
 ) -> float:
     """One pass over ``slides`` in ``order``, one slide per optimiser step.
 
@@ -105,6 +107,10 @@ def train_one_epoch(
         the zoom heads following it), not on the classification of the zoomed bags (see
         ``warmup`` of :func:`train_model`). The forward pass is the same, so sparse
         training still embeds what the soft selection reaches.
+    prefetch : callable, optional
+        Called as ``prefetch(order, i)`` before the step on ``order[i]``
+        (:class:`~zoompipe.prefetch.Prefetcher`: sparse training embeds the next slides'
+        children then).
 
     Returns
     -------
@@ -113,7 +119,10 @@ def train_one_epoch(
     """
     model.train()
     total, count = 0.0, 0
-    for index in order:
+    order = list(order)
+    for position, index in enumerate(order):
+        if prefetch is not None:
+            prefetch(order, position)
         bags, children, label = slides[index]
         out = model(*on_device(bags, children, device), label)
         if teacher_only:
@@ -304,6 +313,11 @@ def train_model(
                              "no pipeline contract to rebuild the children from)")
         from zoompipe.sparse import ChildEmbedder, SparseDataset, cascade_contract
 
+        if sparse.cluster is not None:
+            from zoompipe.cluster import parse_cluster
+
+            parse_cluster(sparse.cluster)  # a bad spec fails now, not after the slides are tiled
+
         pipeline = cascade_contract(pipeline, magnifications or pipeline.grid.magnifications)
         mags = list(pipeline.grid.magnifications)
         embedder = ChildEmbedder(pipeline, sparse, device)
@@ -349,7 +363,7 @@ def train_model(
                          "epochs": epochs, "lr": lr, "lr_patience": lr_patience,
                          "weight_decay": weight_decay, "seed": seed, "sparse": None if sparse is None else {
                              name: value for name, value in dataclasses.asdict(sparse).items()
-                             if name not in ("runtime", "batch_size", "workers", "backend")}})
+                             if name not in ("runtime", "batch_size", "workers", "lookahead", "cluster", "backend")}})
     state = load_state(out_dir, steps, model, optimizer, sampler.generator) if resume else None
     best: Best | None = None if state is None else state.best
     per_epoch: list[dict[str, Any]] = [] if state is None else state.per_epoch
@@ -360,7 +374,16 @@ def train_model(
     val_status = ""
     bar = tqdm(total=epochs * len(ids["train"]), initial=done * len(ids["train"]), unit="slide",
                disable=not progress)
-    with bar, open(out_dir / "log.csv", "w", newline="", encoding="utf-8") as log_file:
+    on_cluster = embedder.on_cluster() if sparse is not None else nullcontext()
+    ahead = nullcontext()
+    if sparse is not None and sparse.lookahead > 0:
+        from zoompipe.prefetch import Prefetcher
+
+        if sparse.cluster is None:
+            embedder.build()  # here, not in the background thread: building forks the global random state
+        ahead = Prefetcher(model, train_set, device, sparse.lookahead, seed)
+    with bar, open(out_dir / "log.csv", "w", newline="", encoding="utf-8") as log_file, on_cluster, \
+            ahead as prefetch:
         log = csv.writer(log_file)
         log.writerow(LOG_COLUMNS + (("embedded",) if sparse is not None else ()))
         log.writerows(log_rows)
@@ -371,7 +394,7 @@ def train_model(
             if select is not None:
                 select.sigma = sigma_schedule(epoch, epochs, sigma, sigma_end)
             train_loss = train_one_epoch(model, train_set, list(sampler), optimizer, device, bar,
-                                         max_grad_norm, teacher_only=epoch <= warmup_epochs)
+                                         max_grad_norm, teacher_only=epoch <= warmup_epochs, prefetch=prefetch)
             logits = predict_logits(model, val_set, device)
             val_loss = float(F.cross_entropy(logits, val_targets))
             metrics = classification_metrics(val_targets.numpy(), logits.softmax(dim=1).numpy())
@@ -380,7 +403,7 @@ def train_model(
                    f"{metrics['weighted_f1']:.6f}", lr_now, "" if select is None else f"{select.sigma:.6f}"]
             if sparse is not None:
                 per_epoch.append({"epoch": epoch, **embedder.take_counts()})
-                row.append(" ".join(f"{phase}:{group}={n}" for phase in ("train", "val")
+                row.append(" ".join(f"{phase}:{group}={n}" for phase in ("train", "val", "ahead")
                                     for group, n in per_epoch[-1].get(phase, {}).items()))
             log.writerow(row)
             log_file.flush()
@@ -420,7 +443,7 @@ def train_model(
                      "split_seed": split_seed},
     }
     if sparse is not None:
-        summary["sparse"] = sparse_report(train_set, val_set, reused, per_epoch, cache_dir)
+        summary["sparse"] = sparse_report(train_set, val_set, reused, per_epoch, cache_dir, sparse.lookahead)
     write_text(out_dir / "train_summary.json", json.dumps(summary, indent=2) + "\n")
     clear_state(out_dir)
     return summary
@@ -436,18 +459,19 @@ def _log_rows(path: Path, epochs: int) -> list[list[str]]:
 
 
 def sparse_report(train_set: SparseDataset, val_set: SparseDataset, reused: dict[str, dict[str, int]],
-                  per_epoch: list[dict[str, Any]], cache_dir: Path) -> dict[str, Any]:
+                  per_epoch: list[dict[str, Any]], cache_dir: Path, lookahead: int) -> dict[str, Any]:
     """What sparse training embedded, against what dense preprocessing of the same slides embeds.
 
     ``embedded`` counts the base patches (embedded by ``preprocess``) and every patch this run
-    embedded above them; patches found in the cache when the run started are ``reused``.
+    embedded above them, ahead of its step (``ahead``, of which ``used`` were asked for by a step,
+    the rest wasted) or in it; patches found in the cache when the run started are ``reused``.
     """
     dense = {group: train_set.dense_counts()[group] + val_set.dense_counts()[group]
              for group in train_set.dense_counts()}
     base = next(iter(dense))
     embedded = {group: dense[base] if group == base else 0 for group in dense}
     for epoch in per_epoch:
-        for phase in ("train", "val"):
+        for phase in ("train", "val", "ahead"):
             for group, n in epoch.get(phase, {}).items():
                 embedded[group] += n
     start = {group: reused["train"][group] + reused["val"][group] for group in dense}
@@ -457,6 +481,10 @@ def sparse_report(train_set: SparseDataset, val_set: SparseDataset, reused: dict
         "dense_patches": dense,
         "embedded_patches": embedded,
         "reused_from_cache": {group: n for group, n in start.items() if group != base},
+        "ahead": {"lookahead": lookahead,
+                  "embedded": {group: sum(e.get("ahead", {}).get(group, 0) for e in per_epoch)
+                               for group in dense if group != base},
+                  "used": train_set.used_ahead_counts()},
         "per_epoch": per_epoch,
         "total_embedded": total,
         "total_dense": total_dense,

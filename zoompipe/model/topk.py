@@ -43,17 +43,19 @@ def topk_indices(scores: Tensor, k: int) -> Tensor:
 class PerturbedTopKFunction(torch.autograd.Function):
     """Soft top-K selector and its Monte-Carlo Jacobian (see the module docstring).
 
-    ``PerturbedTopKFunction.apply(scores, k, n_samples, sigma)`` takes scores of shape (B, N)
-    and returns the soft selector T of shape (B, K, N); each row of T sums to one. Entries set to
-    ``-inf`` are never selected, provided every bag has at least K finite entries.
+    ``PerturbedTopKFunction.apply(scores, k, n_samples, sigma, generator)`` takes scores of shape
+    (B, N) and returns the soft selector T of shape (B, K, N); each row of T sums to one. Entries
+    set to ``-inf`` are never selected, provided every bag has at least K finite entries. The
+    noise is drawn from ``generator`` (None: torch's global generator).
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: FunctionCtx, scores: Tensor, k: int, n_samples: int, sigma: float
+        ctx: FunctionCtx, scores: Tensor, k: int, n_samples: int, sigma: float,
+        generator: torch.Generator | None = None,
     ) -> Tensor:
         batch, n = scores.shape
-        noise = torch.randn(batch, n_samples, n, dtype=scores.dtype, device=scores.device)
+        noise = torch.randn(batch, n_samples, n, dtype=scores.dtype, device=scores.device, generator=generator)
         indices = topk_indices(scores.unsqueeze(1) + sigma * noise, k)  # (B, S, K)
         selector = scores.new_zeros(batch, k, n)
         selector.scatter_add_(
@@ -69,7 +71,7 @@ class PerturbedTopKFunction(torch.autograd.Function):
     @once_differentiable
     def backward(  # type: ignore[override]
         ctx: FunctionCtx, grad_selector: Tensor
-    ) -> tuple[Tensor, None, None, None]:
+    ) -> tuple[Tensor, None, None, None, None]:
         indices, noise = ctx.saved_tensors
         n_samples = noise.shape[1]
         # <grad, Y_s> for each sample s; Y_s has one 1 per row k, at column indices[b, s, k].
@@ -85,7 +87,7 @@ class PerturbedTopKFunction(torch.autograd.Function):
         else:
             centred = inner
         grad_scores = torch.einsum("bs,bsm->bm", centred, noise) / (n_samples * ctx.sigma)
-        return grad_scores, None, None, None
+        return grad_scores, None, None, None, None
 
 
 #: Smallest score range that :func:`normalise_scores` divides by, in the units of the raw scores.
@@ -139,7 +141,8 @@ class PerturbedTopK(nn.Module):
         self.n_samples = n_samples
         self.sigma = sigma
 
-    def forward(self, scores: Tensor, k: int, mask: Tensor | None = None) -> Tensor:
+    def forward(self, scores: Tensor, k: int, mask: Tensor | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
         """Select the top-K entries of each bag.
 
         Parameters
@@ -150,6 +153,8 @@ class PerturbedTopK(nn.Module):
             Number of entries to select; capped at the number of selectable entries of a bag.
         mask : Tensor, optional
             Bool, shape (B, N); False marks entries that may not be selected (padding).
+        generator : torch.Generator, optional
+            Where the noise is drawn from; torch's global generator by default.
 
         Returns
         -------
@@ -167,7 +172,7 @@ class PerturbedTopK(nn.Module):
             hard = topk_indices(scores.detach().masked_fill(~mask, float("-inf")), k)
             return F.one_hot(hard, scores.shape[-1]).to(scores.dtype)
         return PerturbedTopKFunction.apply(
-            normalise_scores(scores, mask), k, self.n_samples, self.sigma
+            normalise_scores(scores, mask), k, self.n_samples, self.sigma, generator
         )
 
     def extra_repr(self) -> str:

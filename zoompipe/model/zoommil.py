@@ -352,13 +352,34 @@ class ZoomMIL(nn.Module):
         out.logits = self.classifier(pooled)
         return out
 
+    def explore(self, source: RowSource, children: list[Tensor], generator: torch.Generator) -> None:
+        """Ask ``source`` for the rows that a training step on this slide would ask, and train nothing.
+
+        The step's soft selections are made with noise from ``generator`` and without dropout,
+        so torch's global random stream is not touched: sparse training calls this on a copy of
+        the model, in a background thread, to embed the next slides' children ahead
+        (:mod:`zoompipe.prefetch`) while the training thread draws its own noise. The rows a step
+        asks are those its noise reaches, so the next step asks mostly, not exactly, these.
+        """
+        modes = [module.training for module in self.modules()]
+        self.eval()
+        self.select.train()
+        try:
+            with torch.no_grad():
+                self._forward_soft(source.base(), children, source.rows, generator)
+        finally:
+            for module, mode in zip(self.modules(), modes):
+                module.training = mode
+
     def _forward_soft(
-        self, h0: Tensor, children: list[Tensor], fetch_rows: Callable[[int, Tensor], Tensor]
+        self, h0: Tensor, children: list[Tensor], fetch_rows: Callable[[int, Tensor], Tensor],
+        generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Logits with soft selections, and the pooled vectors of all but the last level.
 
         Above the base, only the rows under parents that carry weight are asked of
-        ``fetch_rows(level, rows)`` (:meth:`RowSource.rows`).
+        ``fetch_rows(level, rows)`` (:meth:`RowSource.rows`). The top-K's noise is drawn from
+        ``generator`` (None: torch's global generator).
         """
         # A soft bag above the base has rows (j, c): child c of the mixture of parents
         # sum_a mix[j, a] * parents[a], where `parents` are global rows of the previous
@@ -371,14 +392,15 @@ class ZoomMIL(nn.Module):
             z = level.project(features)
             below_last = pooled
             vector = masked_softmax(level.attention(z), weights) @ z
-            # Drawn on the CPU generator whatever the device, so runs agree across devices.
-            if level.zoom is not None and float(torch.rand(())) < self.config.level_dropout:
+            # Drawn on the CPU generator whatever the device, so runs agree across devices; not
+            # drawn at all by explore (eval mode), which must leave the global stream alone.
+            if level.zoom is not None and self.training and float(torch.rand(())) < self.config.level_dropout:
                 vector = torch.zeros_like(vector)
             pooled = pooled + vector
             if level.zoom is None:
                 break
             mask = None if weights is None else (weights > 0)[None]
-            soft = self.select(level.zoom(z)[None], k, mask)[0]  # (K, n_rows)
+            soft = self.select(level.zoom(z)[None], k, mask, generator)[0]  # (K, n_rows)
             selector = _straight_through(soft) if self.config.selection == "straight_through" else soft
             if mix is None:
                 mix, parents = selector, torch.arange(len(features), device=features.device)
