@@ -110,6 +110,11 @@ def main() -> None:
     parser.add_argument("--zoom-target-weight", type=float, default=1.0)
     parser.add_argument("--warmup", type=float, default=DEFAULT_WARMUP,
                         help="fraction of the epochs on the zoom target alone (train --warmup), for both")
+    parser.add_argument("--explore-budget", type=float, default=None,
+                        help="train --explore-budget of the sparse runs (default: no limit)")
+    parser.add_argument("--dense-from", type=Path, default=None,
+                        help="take each fold's dense result from this earlier output folder, where it was run "
+                             "with the same settings (dense training does not depend on the sparse ones)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--workers", type=int, default=2)
@@ -139,6 +144,8 @@ def main() -> None:
     labels = read_labels(labels_csv)
     # Through JSON, so that it compares equal to the settings read back from a fold's file.
     recorded = json.loads(json.dumps({**settings, "precision": args.precision, "cascade": CASCADE}))
+    if args.explore_budget is not None:
+        recorded["explore_budget"] = args.explore_budget
     folds = []
     for fold in args.only_folds or range(args.folds):
         fold_csv = out / "folds" / f"fold{fold}.csv"
@@ -148,18 +155,26 @@ def main() -> None:
         else:
             write_splits(fold_csv, make_splits(labels, n_folds=args.folds, fold=fold))
         result: dict = {"fold": fold}
-        for method in ("dense", "sparse"):
+        if args.dense_from:
+            earlier = json.loads((args.dense_from / "folds" / f"fold{fold}.json").read_text())
+            if {k: v for k, v in recorded.items() if k != "explore_budget"} != earlier["settings"]:
+                raise SystemExit(f"{args.dense_from}: fold {fold} was run with other settings")
+            result["dense"] = earlier["dense"]
+        for method in ("sparse",) if args.dense_from else ("dense", "sparse"):
             run = out / "runs" / f"{method}_fold{fold}"
             shutil.rmtree(run, ignore_errors=True)  # a fresh cache: the count is one run's cost
-            extra = {"magnifications": CASCADE, "sparse": SparseSettings(precision=args.precision,
-                                                                          workers=args.workers)} \
+            # No embedding ahead: the count is what the steps need (benchmarks/sparse_lookahead.py
+            # measures what embedding ahead costs and saves).
+            extra = {"magnifications": CASCADE, "sparse": SparseSettings(
+                precision=args.precision, workers=args.workers, lookahead=0, explore_budget=args.explore_budget)} \
                 if method == "sparse" else {}
             start = time.perf_counter()
             summary = train_model(features[method], labels_csv, run, splits_csv=fold_csv, **settings, **extra)
             train_s = time.perf_counter() - start
             metrics = evaluate_run(run, features["dense"], labels_csv, run / "eval", split="test")
             result[method] = {"weighted_f1": 100 * metrics["weighted_f1"], "accuracy": 100 * metrics["accuracy"],
-                              "train_s": train_s, "best_epoch": summary["best_epoch"]}
+                              "train_s": train_s, "best_epoch": summary["best_epoch"],
+                              "best_val_f1": summary["best_val_f1"]}
             if method == "sparse":
                 result["patches"] = {k: summary["sparse"][k] for k in
                                      ("dense_patches", "embedded_patches", "total_dense", "total_embedded",

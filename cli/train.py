@@ -106,6 +106,10 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
 @click.option("--lookahead", type=click.IntRange(min=0), default=1,
               help="With --sparse: training slides whose children are embedded ahead, in the background, while the "
                    "model trains on the current one; 0: none. The model trained is the same.")
+@click.option("--explore-budget", type=float, default=None, metavar="F",
+              help="With --sparse: at most this fraction of each training slide's base patches (and at least K) ever "
+                   "has its children embedded; the zoom chooses among those and, while there is room, new patches "
+                   "that rank into its top K. [default: no limit]")
 @click.option("--cluster", default=None, metavar="SPEC",
               help="With --sparse: embed the children on Dask workers: local:N (N worker processes; local:NxT for T "
                    "threads each), tcp://HOST:8786 or a scheduler file (workers that see the slides at the same path). "
@@ -120,7 +124,7 @@ def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, architect
                   attn_hidden, sigma, sigma_end, zoom_target_weight, level_dropout, zoom_target_sum, selection,
                   teacher_instance_weight, max_grad_norm, warmup, epochs, lr, lr_patience, weight_decay, seed,
                   split_seed, device, patience, cache, sparse, slides, cache_dir, encoder_weights, precision, runtime,
-                  batch_size, workers, lookahead, cluster, backend, mask_dir, resume) -> None:
+                  batch_size, workers, lookahead, explore_budget, cluster, backend, mask_dir, resume) -> None:
     """Train a model; keep the epoch with the best validation weighted F1.
 
     Writes OUT/model.safetensors and OUT/config.json (best epoch; architecture, hyper-parameters,
@@ -134,7 +138,7 @@ def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, architect
 
     settings = SparseSettings(slides=list(slides) or None, cache_dir=cache_dir, weights=encoder_weights,
                               precision=precision, runtime=runtime, batch_size=batch_size, workers=workers,
-                              lookahead=lookahead, cluster=cluster, backend=backend, mask_dir=mask_dir) if sparse else None
+                              lookahead=lookahead, explore_budget=explore_budget, cluster=cluster, backend=backend, mask_dir=mask_dir) if sparse else None
 
     summary = train_model(features_dir, labels_csv, out_dir, architecture=architecture, splits_csv=splits_csv,
                           fold=fold,

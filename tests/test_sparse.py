@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -171,6 +172,27 @@ def test_embedding_ahead_trains_the_same_model(cohort) -> None:
             np.testing.assert_array_equal(grid_2.cells, grid_0.cells)
     ahead = runs[2]["sparse"]["ahead"]
     assert sum(ahead["used"].values()) > 0 and runs[0]["sparse"]["ahead"]["embedded"] == {"5x": 0, "10x": 0}
+
+
+def _explored(cache: Path, slide_id: str) -> set[int]:
+    """Base rows with a child in a sparse cache."""
+    return set(read_feature_file(cache / f"{slide_id}.h5").grids[1].parent.tolist())
+
+
+def test_an_exploration_budget_caps_the_base_patches_explored(cohort, runs) -> None:
+    budget = 0.2
+    summary = _train(cohort, "budget", SparseSettings(precision="fp32", explore_budget=budget), epochs=4)
+    assert summary["sparse"]["explore_budget"] == budget
+    fewer = 0
+    for i in range(4):  # the training slides; validation's hard top-K reads K parents, as always
+        n = len(read_feature_file(cohort / "base" / "features" / f"s{i}.h5").grids[0])
+        explored = _explored(cohort / "budget" / "feature_cache", f"s{i}")
+        assert 0 < len(explored) <= max(math.ceil(budget * n), TRAINING["k"])
+        fewer += len(explored) < len(_explored(cohort / "sparse_run" / "feature_cache", f"s{i}"))
+    assert fewer >= 2  # the unlimited run of fewer epochs explored more
+    code, out = _cli_error(cohort, "--out", str(cohort / "bad_budget"), "--magnifications", "2.5,5,10",
+                           "--explore-budget", "1.5")
+    assert code == 2 and "budget" in out and len(out.strip().splitlines()) == 1
 
 
 def test_children_embedded_by_cluster_workers_train_the_same_model(cohort, runs) -> None:

@@ -26,6 +26,7 @@ embeds from the raw slide the children the step needs that no earlier step embed
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections import Counter
@@ -79,6 +80,12 @@ class SparseSettings:
         Training slides whose children are embedded ahead, in background threads, while the
         model trains on the current one (:mod:`zoompipe.prefetch`); 0 embeds only what each
         step asks, when it asks. It changes when patches are embedded, not the model trained.
+    explore_budget : float, optional
+        Limit what training explores: at most this fraction of each training slide's base
+        patches (and at least K) ever has its children embedded. The base step's top-K chooses
+        among the patches explored before and, while the budget has room, the best-scored new
+        ones of the current top K (:meth:`LazyRows.selectable`); None: no limit, the soft top-K
+        as dense training runs it.
     cluster : str, optional
         Embed on the workers of a Dask cluster (:func:`~zoompipe.cluster.parse_cluster`:
         ``local:N``, ``tcp://HOST:8786``, a scheduler file) instead of in this process; with
@@ -97,6 +104,7 @@ class SparseSettings:
     batch_size: int = 32
     workers: int = 2
     lookahead: int = 1
+    explore_budget: float | None = None
     cluster: str | None = None
     backend: str = "auto"
     mask_dir: str | None = None
@@ -334,6 +342,8 @@ class LazyRows:
     embed_ahead : callable, optional
         The same, for rows embedded ahead of the step that needs them (:meth:`ahead`), so
         that they can be counted apart; ``embed`` by default.
+    budget : float, optional
+        ``explore_budget`` of :class:`SparseSettings` (:meth:`selectable`).
 
     Rows embedded ahead wait in memory (``staged``, per level ``{row: features}``) until
     :meth:`rows` asks for them; only then are they known. One thread at a time may use a
@@ -342,8 +352,9 @@ class LazyRows:
 
     def __init__(self, store: RowStore, children: list[Tensor],
                  embed: Callable[[int, np.ndarray], np.ndarray],
-                 embed_ahead: Callable[[int, np.ndarray], np.ndarray] | None = None) -> None:
-        self.store, self.children, self.embed = store, children, embed
+                 embed_ahead: Callable[[int, np.ndarray], np.ndarray] | None = None,
+                 budget: float | None = None) -> None:
+        self.store, self.children, self.embed, self.budget = store, children, embed, budget
         self.embed_ahead = embed if embed_ahead is None else embed_ahead
         self.device: str | torch.device = "cpu"
         self.staged: list[dict[int, np.ndarray]] = [{} for _ in store.position]
@@ -392,6 +403,24 @@ class LazyRows:
             features[~known] = np.stack([staged[row] for row in wanted[~known].tolist()])
         return torch.from_numpy(features).to(self.device)
 
+    def selectable(self, scores: Tensor, k: int) -> Tensor | None:
+        """The base patches explored so far (every child known) and, while fewer than
+        ``max(ceil(budget * N_0), k)`` are, the best-scored unexplored ones of the top ``k``.
+
+        A new patch so enters the union only by ranking into the top K, never by one noise
+        sample, and not at all once the budget is spent. None without a budget.
+        """
+        if self.budget is None:
+            return None
+        index = self.children[0].numpy()
+        known = self.store.position[1]
+        explored = ((index < 0) | (known[index.clip(min=0)] >= 0)).all(axis=1) & (index >= 0).any(axis=1)
+        room = max(math.ceil(self.budget * len(index)), k) - int(explored.sum())
+        best = np.argsort(-scores.cpu().numpy(), kind="stable")[:k]
+        allowed = explored.copy()
+        allowed[best[~explored[best]][:max(room, 0)]] = True
+        return torch.from_numpy(allowed)
+
     def keep_reached(self) -> None:
         """Forget the rows embedded ahead that no :meth:`ahead` call reached since the last call.
 
@@ -435,7 +464,8 @@ class SparseSlide(LazyRows):
         children = [torch.from_numpy(children_index(a, b)) for a, b in zip(layout, layout[1:])]
         super().__init__(cache, children,
                          lambda level, rows: embedder(source, contract, layout[level].take(rows), phase),
-                         lambda level, rows: embedder(source, contract, layout[level].take(rows), "ahead"))
+                         lambda level, rows: embedder(source, contract, layout[level].take(rows), "ahead"),
+                         embedder.settings.explore_budget)
         self.cache, self.layout = cache, layout
 
 

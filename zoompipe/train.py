@@ -313,6 +313,9 @@ def train_model(
                              "no pipeline contract to rebuild the children from)")
         from zoompipe.sparse import ChildEmbedder, SparseDataset, cascade_contract
 
+        if sparse.explore_budget is not None and not 0 < sparse.explore_budget <= 1:
+            raise UsageError(f"the exploration budget is a fraction of the base patches in (0, 1], "
+                             f"got {sparse.explore_budget:g}")
         if sparse.cluster is not None:
             from zoompipe.cluster import parse_cluster
 
@@ -443,7 +446,7 @@ def train_model(
                      "split_seed": split_seed},
     }
     if sparse is not None:
-        summary["sparse"] = sparse_report(train_set, val_set, reused, per_epoch, cache_dir, sparse.lookahead)
+        summary["sparse"] = sparse_report(train_set, val_set, reused, per_epoch, cache_dir, sparse)
     write_text(out_dir / "train_summary.json", json.dumps(summary, indent=2) + "\n")
     clear_state(out_dir)
     return summary
@@ -459,7 +462,7 @@ def _log_rows(path: Path, epochs: int) -> list[list[str]]:
 
 
 def sparse_report(train_set: SparseDataset, val_set: SparseDataset, reused: dict[str, dict[str, int]],
-                  per_epoch: list[dict[str, Any]], cache_dir: Path, lookahead: int) -> dict[str, Any]:
+                  per_epoch: list[dict[str, Any]], cache_dir: Path, settings: SparseSettings) -> dict[str, Any]:
     """What sparse training embedded, against what dense preprocessing of the same slides embeds.
 
     ``embedded`` counts the base patches (embedded by ``preprocess``) and every patch this run
@@ -481,7 +484,8 @@ def sparse_report(train_set: SparseDataset, val_set: SparseDataset, reused: dict
         "dense_patches": dense,
         "embedded_patches": embedded,
         "reused_from_cache": {group: n for group, n in start.items() if group != base},
-        "ahead": {"lookahead": lookahead,
+        "explore_budget": settings.explore_budget,
+        "ahead": {"lookahead": settings.lookahead,
                   "embedded": {group: sum(e.get("ahead", {}).get(group, 0) for e in per_epoch)
                                for group in dense if group != base},
                   "used": train_set.used_ahead_counts()},

@@ -62,6 +62,10 @@ class RowSource(Protocol):
     def rows(self, level: int, rows: Tensor) -> Tensor:
         """Features (len(rows), D) of the global ``rows`` (unique) of magnification ``level``."""
 
+    def selectable(self, scores: Tensor, k: int) -> Tensor | None:
+        """Which base patches a training step's top-K may choose among, given the base zoom head's
+        ``scores`` (N_0,) and K; None: every one. Sparse training limits its exploration here."""
+
     def known(self) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None]:
         """What the zoom target may read: every row known so far.
 
@@ -86,6 +90,9 @@ class DenseRows:
 
     def rows(self, level: int, rows: Tensor) -> Tensor:
         return self.bags[level][rows.to(self.bags[level].device)]
+
+    def selectable(self, scores: Tensor, k: int) -> Tensor | None:
+        return None
 
     def known(self) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None]:
         return self.bags, self.children, None
@@ -283,7 +290,8 @@ class ZoomMIL(nn.Module):
                 f"{len(children)} children indices"
             )
         if self.training:
-            logits, below_last = self._forward_soft(source.base(), children, source.rows)
+            logits, below_last = self._forward_soft(source.base(), children, source.rows,
+                                                    selectable=source.selectable)
             out = ZoomOutput(logits=logits)
             if self.trains_zoom_target:
                 known, known_children, complete = source.known()
@@ -366,7 +374,7 @@ class ZoomMIL(nn.Module):
         self.select.train()
         try:
             with torch.no_grad():
-                self._forward_soft(source.base(), children, source.rows, generator)
+                self._forward_soft(source.base(), children, source.rows, generator, source.selectable)
         finally:
             for module, mode in zip(self.modules(), modes):
                 module.training = mode
@@ -374,12 +382,14 @@ class ZoomMIL(nn.Module):
     def _forward_soft(
         self, h0: Tensor, children: list[Tensor], fetch_rows: Callable[[int, Tensor], Tensor],
         generator: torch.Generator | None = None,
+        selectable: Callable[[Tensor, int], Tensor | None] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Logits with soft selections, and the pooled vectors of all but the last level.
 
         Above the base, only the rows under parents that carry weight are asked of
         ``fetch_rows(level, rows)`` (:meth:`RowSource.rows`). The top-K's noise is drawn from
-        ``generator`` (None: torch's global generator).
+        ``generator`` (None: torch's global generator); the base step chooses among the patches
+        that ``selectable`` allows (:meth:`RowSource.selectable`; None: all).
         """
         # A soft bag above the base has rows (j, c): child c of the mixture of parents
         # sum_a mix[j, a] * parents[a], where `parents` are global rows of the previous
@@ -399,8 +409,13 @@ class ZoomMIL(nn.Module):
             pooled = pooled + vector
             if level.zoom is None:
                 break
-            mask = None if weights is None else (weights > 0)[None]
-            soft = self.select(level.zoom(z)[None], k, mask, generator)[0]  # (K, n_rows)
+            scores = level.zoom(z)
+            if weights is not None:
+                mask = (weights > 0)[None]
+            else:
+                allowed = None if selectable is None else selectable(scores.detach(), k)
+                mask = None if allowed is None else allowed.to(scores.device)[None]
+            soft = self.select(scores[None], k, mask, generator)[0]  # (K, n_rows)
             selector = _straight_through(soft) if self.config.selection == "straight_through" else soft
             if mix is None:
                 mix, parents = selector, torch.arange(len(features), device=features.device)
