@@ -18,6 +18,10 @@ embeds from the raw slide the children the step needs that no earlier step embed
   the cached group below). It is rewritten atomically whenever rows are added, read back by
   :func:`~zoompipe.features.read_feature_file`, and matched to the layout by cell, so a rerun
   (or another run on the same slides and contract) embeds nothing twice.
+- **A budget** (``SparseSettings.explore_budget``): the soft top-K's noise, and the heads moving
+  while they learn, would have the union visit most of the tissue in a few epochs;
+  :meth:`LazyRows.selectable` lets the base step choose only among the patches explored before
+  and the new ones that rank into its top K, until a share of the slide has been explored.
 - **Embedding ahead** (:mod:`zoompipe.prefetch`): while the model trains on one slide, a
   background thread embeds the children that the next slides' steps will probably ask for
   (:meth:`LazyRows.ahead`). They wait in memory until a step asks for them, so what the model
