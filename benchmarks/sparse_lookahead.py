@@ -111,7 +111,7 @@ def main() -> None:
     table = ["| setting | training (s) | vs first | embedded in the steps | embedded ahead (used) | "
              "largest weight difference |", "|---|---|---|---|---|---|"]
     for r in rows:
-        used = f"{r['used_ahead']} ({100 * r['used_ahead'] / r['ahead']:.0f}%)" if r["ahead"] else "0"
+        used = f"{r['ahead']} ({100 * r['used_ahead'] / r['ahead']:.0f}% used)" if r["ahead"] else "0"
         table.append(f"| {r['setting']} | {r['train_s']:.0f} | {base / r['train_s']:.2f}x | {r['in_step']} | "
                      f"{used} | {r['max_weight_difference']:.1e} |")
     result = {"settings": {**vars(args), "out": str(out)}, "cores": os.cpu_count(),

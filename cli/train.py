@@ -103,9 +103,10 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
               help="With --sparse: encoder runtime; auto: OpenVINO for fp32 on CPU, torch otherwise.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, help="With --sparse: patches per encoder batch.")
 @click.option("--workers", type=click.IntRange(min=1), default=2, help="With --sparse: patch reader threads.")
-@click.option("--lookahead", type=click.IntRange(min=0), default=1,
+@click.option("--lookahead", type=click.IntRange(min=0), default=0,
               help="With --sparse: training slides whose children are embedded ahead, in the background, while the "
-                   "model trains on the current one; 0: none. The model trained is the same.")
+                   "model trains on the current one; 0: none. The model trained is the same. Worth it where the "
+                   "embedding runs beside the training (--cluster, a GPU), not on a small CPU.")
 @click.option("--explore-budget", type=float, default=None, metavar="F",
               help="With --sparse: at most this fraction of each training slide's base patches (and at least K) ever "
                    "has its children embedded; the zoom chooses among those and, while there is room, new patches "

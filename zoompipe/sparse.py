@@ -84,6 +84,9 @@ class SparseSettings:
         Training slides whose children are embedded ahead, in background threads, while the
         model trains on the current one (:mod:`zoompipe.prefetch`); 0 embeds only what each
         step asks, when it asks. It changes when patches are embedded, not the model trained.
+        On a 2-core CPU, where the encoder and the model share the cores, 1 trained 0.81x as
+        fast and embedded 21% more (``benchmarks/sparse_lookahead.py``); it is meant for a
+        cluster or an accelerator that embeds beside the training.
     explore_budget : float, optional
         Limit what training explores: at most this fraction of each training slide's base
         patches (and at least K) ever has its children embedded. The base step's top-K chooses
@@ -107,7 +110,7 @@ class SparseSettings:
     runtime: str = "auto"
     batch_size: int = 32
     workers: int = 2
-    lookahead: int = 1
+    lookahead: int = 0
     explore_budget: float | None = None
     cluster: str | None = None
     backend: str = "auto"
