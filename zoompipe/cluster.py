@@ -196,8 +196,6 @@ def _predict_task(source: SlideSource, settings: Any, out: Path, heatmap: bool, 
         return predict_one(source, predictor, out, heatmap, geojson, mpp, backend)
 
 
-# Client side.
-
 def _embed_task(source: SlideSource, contract: Any, grid: Any, settings: Any, device: str, precision: str,
                 threads: int | None) -> Any:
     from .engine import contract_encoder
@@ -210,6 +208,8 @@ def _embed_task(source: SlideSource, contract: Any, grid: Any, settings: Any, de
                                                              settings.runtime), threads)
         return embed_grid(source, contract, grid, encoder, settings)
 
+
+# Client side.
 
 def _absolute(source: SlideSource) -> SlideSource:
     """A local slide by its absolute path: workers may run elsewhere, in another folder."""

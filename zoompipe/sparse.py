@@ -148,6 +148,11 @@ def override_mpp(contract: PipelineContract) -> float | None:
     return slide.mpp if slide is not None and slide.mpp_source == "override" else None
 
 
+def _every_child(index: np.ndarray, flag: np.ndarray) -> np.ndarray:
+    """For each row of ``index`` (rows of children, -1 for none): whether ``flag`` holds for all its children."""
+    return ((index < 0) | flag[index.clip(min=0)]).all(axis=1)
+
+
 def _cell_keys(cells: np.ndarray) -> np.ndarray:
     return (cells[:, 0].astype(np.int64) << 32) | cells[:, 1].astype(np.int64)
 
@@ -421,7 +426,7 @@ class LazyRows:
             return None
         index = self.children[0].numpy()
         known = self.store.position[1]
-        explored = ((index < 0) | (known[index.clip(min=0)] >= 0)).all(axis=1) & (index >= 0).any(axis=1)
+        explored = _every_child(index, known >= 0) & (index >= 0).any(axis=1)
         room = max(math.ceil(self.budget * len(index)), k) - int(explored.sum())
         best = np.argsort(-scores.cpu().numpy(), kind="stable")[:k]
         allowed = explored.copy()
@@ -451,7 +456,7 @@ class LazyRows:
         done = []
         for level in reversed(range(len(known) - 1)):
             index = self.children[level].numpy()
-            complete = ((index < 0) | complete[index.clip(min=0)]).all(axis=1)
+            complete = _every_child(index, complete)
             done.insert(0, complete[known[level]])
         bags, children = [], []
         for level, rows in enumerate(known):
@@ -548,17 +553,20 @@ class SparseDataset(Dataset):
         slide = self.slides[index]
         return slide, slide.children, self.labels[index]
 
+    def _magnifications(self) -> list[float]:
+        return [g.magnification for g in self.slides[0].layout] if self.slides else []
+
     def dense_counts(self) -> dict[str, int]:
         """Patches per magnification that dense preprocessing of these slides embeds."""
-        mags = [g.magnification for g in self.slides[0].layout] if self.slides else []
+        mags = self._magnifications()
         return {group_name(m): sum(len(s.layout[i]) for s in self.slides) for i, m in enumerate(mags)}
 
     def used_ahead_counts(self) -> dict[str, int]:
         """Patches per magnification above the base that were embedded ahead and then used."""
-        mags = [g.magnification for g in self.slides[0].layout] if self.slides else []
+        mags = self._magnifications()
         return {group_name(m): sum(s.used_ahead[i] for s in self.slides) for i, m in enumerate(mags) if i}
 
     def cached_counts(self) -> dict[str, int]:
         """Patches per magnification known in the caches now (the base included)."""
-        mags = [g.magnification for g in self.slides[0].layout] if self.slides else []
+        mags = self._magnifications()
         return {group_name(m): sum(s.cache.count(i) for s in self.slides) for i, m in enumerate(mags)}

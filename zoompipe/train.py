@@ -473,10 +473,13 @@ def sparse_report(train_set: SparseDataset, val_set: SparseDataset, reused: dict
              for group in train_set.dense_counts()}
     base = next(iter(dense))
     embedded = {group: dense[base] if group == base else 0 for group in dense}
+    ahead = {group: 0 for group in dense if group != base}
     for epoch in per_epoch:
         for phase in ("train", "val", "ahead"):
             for group, n in epoch.get(phase, {}).items():
                 embedded[group] += n
+                if phase == "ahead":
+                    ahead[group] += n
     start = {group: reused["train"][group] + reused["val"][group] for group in dense}
     total, total_dense = sum(embedded.values()), sum(dense.values())
     return {
@@ -485,10 +488,7 @@ def sparse_report(train_set: SparseDataset, val_set: SparseDataset, reused: dict
         "embedded_patches": embedded,
         "reused_from_cache": {group: n for group, n in start.items() if group != base},
         "explore_budget": settings.explore_budget,
-        "ahead": {"lookahead": settings.lookahead,
-                  "embedded": {group: sum(e.get("ahead", {}).get(group, 0) for e in per_epoch)
-                               for group in dense if group != base},
-                  "used": train_set.used_ahead_counts()},
+        "ahead": {"lookahead": settings.lookahead, "embedded": ahead, "used": train_set.used_ahead_counts()},
         "per_epoch": per_epoch,
         "total_embedded": total,
         "total_dense": total_dense,
