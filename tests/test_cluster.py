@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -180,7 +181,10 @@ def test_a_slide_lost_after_its_retries_is_sent_once_more_alone(client, tmp_path
                          lambda s: dict(counts=str(tmp_path), tries=2 if s.slide_id == "unlucky" else 0),
                          on_result=lambda s, r: None, on_lost=lambda s, deaths: lost.append((s, deaths)),
                          progress=False, label="test-alone")
-    assert results == {sources[0]: "unlucky after 2 deaths", sources[1]: "fine after 0 deaths"} and lost == []
+    assert results[sources[0]] == "unlucky after 2 deaths" and lost == []
+    # Dask runs a task at least once: when "fine" finished on the worker that a retry of "unlucky"
+    # then killed before the client fetched the result, dask runs "fine" again (seen once in CI).
+    assert re.fullmatch(r"fine after \d+ deaths", results[sources[1]]) and len(results) == 2
     # No wait for both workers here, unlike the test above: no later test uses this cluster, and
     # under load dask has closed a nanny whose worker it was restarting (twice, with benchmarks
     # on the 2 cores), which says nothing of run_slides.
