@@ -56,6 +56,12 @@ def subset_splits(splits_csv: Path, n_train: int | None, out: Path) -> Path:
     return out
 
 
+def _device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--features", type=Path, required=True, help="base feature files (preprocess --magnifications 1.25)")
@@ -72,12 +78,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--device", default="cpu", help="where the model trains and the children are embedded")
     args = parser.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     splits = subset_splits(args.splits, args.n_train, out / "splits.csv")
     settings = dict(k=args.k, hidden=args.hidden, attn_hidden=args.hidden // 2, epochs=args.epochs, lr=args.lr,
-                    lr_patience=0, seed=args.seed, progress=False, magnifications=CASCADE)
+                    lr_patience=0, seed=args.seed, progress=False, magnifications=CASCADE, device=args.device)
     variants = [(f"lookahead {n}", SparseSettings(precision=args.precision, lookahead=n)) for n in args.lookaheads]
     if args.cluster:
         variants.append((f"lookahead {args.lookaheads[-1]}, {args.cluster}",
@@ -115,7 +122,7 @@ def main() -> None:
         table.append(f"| {r['setting']} | {r['train_s']:.0f} | {base / r['train_s']:.2f}x | {r['in_step']} | "
                      f"{used} | {r['max_weight_difference']:.1e} |")
     result = {"settings": {**vars(args), "out": str(out)}, "cores": os.cpu_count(),
-              "cpu": platform.processor() or platform.machine(), "runs": rows}
+              "cpu": platform.processor() or platform.machine(), "device": _device_name(args.device), "runs": rows}
     write_text(out / "results.json", json.dumps(result, indent=2, default=str) + "\n")
     write_text(out / "results.md", "\n".join(table) + "\n")
     print("\n".join(table))

@@ -78,6 +78,18 @@ def test_features_shape_dtype_and_determinism(lite0_fp32, patches):
     assert lite0_fp32.embed(patches[:0]).shape == (0, 1280)
 
 
+def test_padded_batches_give_the_rows_features(patches):
+    # On CUDA batches are padded to a multiple of 16 rows (one cuDNN plan per shape): padding must
+    # neither show in the output nor change the real rows' features.
+    padded = create_encoder("efficientnet_lite0", precision="fp32")
+    assert padded.row_multiple == 1  # CPU: nothing to pad
+    plain = padded.embed(patches[:3])
+    padded.row_multiple = 16
+    features = padded.embed(patches[:3])
+    assert features.shape == (3, 1280)
+    np.testing.assert_allclose(features, plain, rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_features_match_fp32(lite0_fp32, patches):
     bf16 = create_encoder("efficientnet_lite0", precision="bf16")
     assert bf16.precision == "bf16"

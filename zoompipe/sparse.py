@@ -85,8 +85,8 @@ class SparseSettings:
         model trains on the current one (:mod:`zoompipe.prefetch`); 0 embeds only what each
         step asks, when it asks. It changes when patches are embedded, not the model trained.
         On a 2-core CPU, where the encoder and the model share the cores, 1 trained 0.81x as
-        fast and embedded 21% more (``benchmarks/sparse_lookahead.py``); it is meant for a
-        cluster or an accelerator that embeds beside the training.
+        fast and embedded 21% more (``benchmarks/sparse_lookahead.py``), on an H200 0.60x; it
+        is meant for remote cluster workers running a slow encoder.
     explore_budget : float, optional
         Limit what training explores: at most this fraction of each training slide's base
         patches (and at least K) ever has its children embedded. The base step's top-K chooses
