@@ -94,5 +94,5 @@ class _Ahead:
     def rows(self, level: int, rows: torch.Tensor) -> torch.Tensor:
         return self.slide.ahead(level, rows)
 
-    def selectable(self, scores: torch.Tensor, k: int) -> torch.Tensor | None:
-        return self.slide.selectable(scores, k)
+    def selectable(self, k: int) -> torch.Tensor | None:
+        return self.slide.selectable(k)

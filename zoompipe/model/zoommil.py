@@ -62,9 +62,9 @@ class RowSource(Protocol):
     def rows(self, level: int, rows: Tensor) -> Tensor:
         """Features (len(rows), D) of the global ``rows`` (unique) of magnification ``level``."""
 
-    def selectable(self, scores: Tensor, k: int) -> Tensor | None:
-        """Which base patches a training step's top-K may choose among, given the base zoom head's
-        ``scores`` (N_0,) and K; None: every one. Sparse training limits its exploration here."""
+    def selectable(self, k: int) -> Tensor | None:
+        """Which base patches a training step's top-K (of K = ``k``) may choose among; None: every
+        one. Sparse training limits its exploration here."""
 
     def known(self) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None]:
         """What the zoom target may read: every row known so far.
@@ -91,7 +91,7 @@ class DenseRows:
     def rows(self, level: int, rows: Tensor) -> Tensor:
         return self.bags[level][rows.to(self.bags[level].device)]
 
-    def selectable(self, scores: Tensor, k: int) -> Tensor | None:
+    def selectable(self, k: int) -> Tensor | None:
         return None
 
     def known(self) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None]:
@@ -382,7 +382,7 @@ class ZoomMIL(nn.Module):
     def _forward_soft(
         self, h0: Tensor, children: list[Tensor], fetch_rows: Callable[[int, Tensor], Tensor],
         generator: torch.Generator | None = None,
-        selectable: Callable[[Tensor, int], Tensor | None] | None = None,
+        selectable: Callable[[int], Tensor | None] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Logits with soft selections, and the pooled vectors of all but the last level.
 
@@ -413,7 +413,7 @@ class ZoomMIL(nn.Module):
             if weights is not None:
                 mask = (weights > 0)[None]
             else:
-                allowed = None if selectable is None else selectable(scores.detach(), k)
+                allowed = None if selectable is None else selectable(k)
                 mask = None if allowed is None else allowed.to(scores.device)[None]
             soft = self.select(scores[None], k, mask, generator)[0]  # (K, n_rows)
             selector = _straight_through(soft) if self.config.selection == "straight_through" else soft
