@@ -109,8 +109,8 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
                    "embedding runs beside the training (--cluster, a GPU), not on a small CPU.")
 @click.option("--explore-budget", type=float, default=None, metavar="F",
               help="With --sparse: at most this fraction of each training slide's base patches (and at least K) ever "
-                   "has its children embedded; the zoom chooses among those and, while there is room, new patches "
-                   "that rank into its top K. [default: no limit]")
+                   "has its children embedded: the first of a tissue-weighted greedy cover of the slide's base "
+                   "features, chosen before training; the zoom chooses among those. [default: no limit]")
 @click.option("--cluster", default=None, metavar="SPEC",
               help="With --sparse: embed the children on Dask workers: local:N (N worker processes; local:NxT for T "
                    "threads each), tcp://HOST:8786 or a scheduler file (workers that see the slides at the same path). "

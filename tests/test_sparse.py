@@ -19,7 +19,7 @@ from zoompipe.dataset import read_bags
 from zoompipe.engine import ZoomPredictor
 from zoompipe.features import read_feature_file
 from zoompipe.preprocess import PreprocessConfig, preprocess_slides
-from zoompipe.sparse import LazyRows, RowStore, SparseSettings
+from zoompipe.sparse import LazyRows, RowStore, SparseSettings, coverage_order
 from zoompipe.synthetic import write_synthetic_slide
 from zoompipe.train import train_model
 
@@ -178,6 +178,36 @@ def test_embedding_ahead_trains_the_same_model(cohort) -> None:
 def _explored(cache: Path, slide_id: str) -> set[int]:
     """Base rows with a child in a sparse cache."""
     return set(read_feature_file(cache / f"{slide_id}.h5").grids[1].parent.tolist())
+
+
+def test_the_cover_takes_the_odd_patches_first_and_weighs_them() -> None:
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(60, 8))
+    features[[7, 21, 40]] += 6.0  # a small, distinct kind of tissue
+    features[13] -= 10.0  # the most distinct of all, but with no tissue
+    weights = np.ones(60)
+    weights[13] = 0.0
+    order = coverage_order(features, weights)
+    assert sorted(order.tolist()) == list(range(60)) and order[-1] == 13
+    assert order[0] in (7, 21, 40)
+    assert len({7, 21, 40} & set(order[:3].tolist())) == 1  # one of a kind, then other kinds
+    assert coverage_order(features)[0] == 13  # unweighted, it comes first
+    np.testing.assert_array_equal(coverage_order(features, weights, 5), order[:5])
+
+
+def test_a_budget_allows_the_first_of_the_cover_among_patches_with_children() -> None:
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(6, 4)).astype(np.float32)
+    children = torch.arange(24).view(6, 4)
+    children[2] = -1  # no children: never chosen, whatever its features
+    base[2] += 20.0
+    lazy = LazyRows(RowStore([6, 24], base), [children], lambda level, rows: None, budget=0.5)
+    candidates = np.array([0, 1, 3, 4, 5])
+    cover = candidates[coverage_order(base[candidates], None, 3)]
+    assert np.flatnonzero(lazy.selectable(1).numpy()).tolist() == sorted(cover.tolist())
+    assert int(lazy.selectable(4).sum()) == 4  # never fewer than K
+    assert lazy.selectable(1) is lazy.selectable(1)  # fixed for the run
+    assert LazyRows(RowStore([6, 24], base), [children], lambda level, rows: None).selectable(1) is None
 
 
 def test_an_exploration_budget_caps_the_base_patches_explored(cohort, runs) -> None:
