@@ -193,6 +193,8 @@ def test_the_cover_takes_the_odd_patches_first_and_weighs_them() -> None:
     assert len({7, 21, 40} & set(order[:3].tolist())) == 1  # one of a kind, then other kinds
     assert coverage_order(features)[0] == 13  # unweighted, it comes first
     np.testing.assert_array_equal(coverage_order(features, weights, 5), order[:5])
+    no_tissue = coverage_order(features, np.zeros(60))  # ties everywhere: still every row once
+    assert sorted(no_tissue.tolist()) == list(range(60))
 
 
 def test_a_budget_allows_the_first_of_the_cover_among_patches_with_children() -> None:

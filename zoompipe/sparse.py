@@ -183,10 +183,11 @@ def coverage_order(features: np.ndarray, weights: np.ndarray | None = None, n: i
     n = len(x) if n is None else min(n, len(x))
     order = np.empty(n, np.int64)
     distance = np.linalg.norm(x - np.median(x, axis=0), axis=1)
+    taken = np.zeros(len(x), bool)
     for i in range(n):
-        order[i] = np.argmax(distance * w)
+        order[i] = np.argmax(np.where(taken, -np.inf, distance * w))
+        taken[order[i]] = True
         distance = np.minimum(distance, np.linalg.norm(x - x[order[i]], axis=1))
-        distance[order[i]] = -1.0  # taken; weights are non-negative, so never the argmax again
     return order
 
 
