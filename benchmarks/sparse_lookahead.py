@@ -17,7 +17,7 @@ cache and the encoder's runtime; the ratio is the figure to read.
 Usage::
 
     python benchmarks/sparse_lookahead.py --features bench_sparse10/base/features \\
-        --labels bench10/cohort/labels.csv --splits bench10/splits/fold0.csv --n-train 8 --epochs 5 \\
+        --labels bench40/cohort/labels.csv --splits bench40/splits/fold0.csv --n-train 8 --epochs 5 \\
         --lookaheads 0,1,2 --out bench_ahead
 """
 

@@ -24,7 +24,7 @@ Usage::
     python benchmarks/sparse_training.py --out bench_sparse                     # 60 slides, 5 folds
     python benchmarks/sparse_training.py --out bench_sparse_tiny --n 9 --width 16384 --height 12288 \\
         --folds 3 --epochs 10                                                   # a tiny cohort
-    python benchmarks/sparse_training.py --out bench_sparse10 --cohort-from bench10 --sample 4 \\
+    python benchmarks/sparse_training.py --out bench_sparse10 --cohort-from bench40 --sample 4 \\
         --epochs 60 --lr 2e-4 --k 0.125 --hidden 128 --lr-patience 0            # the zoom benchmark's cohort
 
 ``--cohort-from BENCH`` takes the cohort, dense features and folds of a
