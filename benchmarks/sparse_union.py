@@ -80,13 +80,13 @@ def explore_known_only(seen: dict[tuple[int, int], set[int]], multiple: float, b
     pending: dict[str, torch.Tensor] = {}
 
     def forward_soft(self: zoommil.ZoomMIL, h0: torch.Tensor, children: list[torch.Tensor], fetch_rows,
-                     generator: torch.Generator | None = None):
+                     generator: torch.Generator | None = None, selectable=None):
         source = fetch_rows.__self__  # the slide's DenseRows
         asked = torch.tensor(sorted(seen.get((id(source.bags[0]), 1), set())), dtype=torch.long)
         index = children[0]
         pending["explored"] = (torch.isin(index, asked) | (index < 0)).all(dim=1) & (index >= 0).any(dim=1)
         try:
-            return soft(self, h0, children, fetch_rows, generator)
+            return soft(self, h0, children, fetch_rows, generator, selectable)
         finally:
             pending.clear()
 
