@@ -214,7 +214,8 @@ def same_run(summary: dict[str, Any], run_splits: Path, fold_csv: Path, settings
     # every run from before lr_patience, with a patience of 5.
     older = ({"level_dropout": 0.0, "selection": "soft", "zoom_target_sum": True, "teacher_instance_weight": 0.0,
               "warmup": 0.0} if summary["architecture"] == "zoommil" else {}) | {"lr_patience": 5}
-    recorded = {**older, **summary["model"], **summary["training"]}
+    recorded = {**older, **summary["model"], **summary["training"],
+                "teacher": summary.get("teacher", {}).get("run")}
     return (run_splits.read_text() == fold_csv.read_text()
             and all(recorded[name] == value for name, value in settings.items() if name in recorded))
 
@@ -440,6 +441,10 @@ def main() -> None:
                         help="ZoomMIL: weight of CLAM's instance loss on the zoom target's teacher")
     parser.add_argument("--warmup", type=float, default=DEFAULT_WARMUP,
                         help="the zooming models' fraction of the epochs on the zoom target alone")
+    parser.add_argument("--abmil-teacher", action="store_true",
+                        help="ZoomMIL 1.25x->2.5x->10x learns where to zoom from the fold's ABMIL 10x run of its width "
+                             "(--hidden), the one of that width chosen on validation (zoompipe train --teacher); "
+                             "trains those ABMIL runs first when missing")
     parser.add_argument("--jobs", type=int, default=2, help="processes writing the cohort")
     parser.add_argument("--workers", type=int, default=2, help="patch reader threads")
     parser.add_argument("--precision", default="auto", help="encoder precision, for preprocess and predict alike")
@@ -469,7 +474,8 @@ def main() -> None:
              "hidden": args.hidden, "seed": args.seed,
              "level_dropout": args.level_dropout, "zoom_target_weight": args.zoom_target_weight,
              "selection": args.selection, "zoom_target_sum": args.zoom_target_sum,
-             "teacher_instance_weight": args.teacher_instance_weight, "warmup": args.warmup, "device": args.device}
+             "teacher_instance_weight": args.teacher_instance_weight, "warmup": args.warmup, "teacher": None,
+             "device": args.device}
     predict_options = ["--workers", str(args.workers), "--device", args.device, "--precision", args.precision]
     per_fold: dict[str, list[dict]] = {m.name: [] for m in METHODS}
     t0 = time.perf_counter()
@@ -481,8 +487,17 @@ def main() -> None:
         test = [by_id[s] for s in sorted(splits) if splits[s] == "test"]
         for method in methods:
             grid = search_grid(method, args.lrs, args.ks, args.hiddens, args.lr_patiences)
+            settings = fixed
+            if method == ZOOMMIL and args.abmil_teacher:
+                same_width = [c for c in search_grid(ABMIL_10, args.lrs, args.ks, args.hiddens, args.lr_patiences)
+                              if c["hidden"] == args.hidden]
+                if not same_width:
+                    parser.error(f"--abmil-teacher: ABMIL 10x searches no run of width {args.hidden} (--hiddens)")
+                teacher, _ = train_fold(ABMIL_10, fold_csv, features, labels_csv,
+                                        out / "runs" / ABMIL_10.slug / f"fold{fold}", same_width, fixed)
+                settings = {**fixed, "teacher": str(teacher)}
             run, search = train_fold(method, fold_csv, features, labels_csv,
-                                     out / "runs" / method.slug / f"fold{fold}", grid, fixed)
+                                     out / "runs" / method.slug / f"fold{fold}", grid, settings)
             chosen = next(s["config"] for s in search if s["run"] == str(run))
             if method.zooms or (method == ABMIL_10 and (fold == 0 or args.predict_all_folds)):
                 entry = score_with_predict(run, test, out / "cohort", predict_options)
@@ -529,7 +544,7 @@ def main() -> None:
         "level_dropout": args.level_dropout, "zoom_target_weight": args.zoom_target_weight,
         "selection": args.selection, "zoom_target_sum": args.zoom_target_sum,
         "teacher_instance_weight": args.teacher_instance_weight, "warmup": args.warmup,
-        "encoder": PreprocessConfig().encoder,
+        "abmil_teacher": args.abmil_teacher, "encoder": PreprocessConfig().encoder,
         "precision": args.precision, "encoder_gflops_per_patch": gflops,
         "timings": timings, "ratios": ratios, "methods": results,
     }

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -69,6 +70,11 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
               show_default=True,
               help="ZoomMIL: weight of CLAM's instance loss on the zoom target's teacher (its most and least "
                    "attended 10x patches pseudo-labelled); 0 turns it off.")
+@click.option("--teacher", "teacher", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="ZoomMIL: a trained ABMIL run on the last magnification (zoompipe train --architecture abmil "
+                   "--magnifications 10, same --hidden, --attn-hidden, classes and features): the zoom heads follow its "
+                   "attention over each slide's dense last-magnification bag, and its weights start the last level and "
+                   "the classifier. Dense features only. [default: the model's own last head teaches]")
 @click.option("--max-grad-norm", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MAX_GRAD_NORM,
               help="Clip each step's gradient norm to this value.")
 @click.option("--warmup", type=click.FloatRange(min=0, max=1, max_open=True), default=DEFAULT_WARMUP,
@@ -123,7 +129,7 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
                    "model an unstopped run gives; its state is kept in OUT/resume/ after every epoch.")
 def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, architecture, magnifications, k, hidden,
                   attn_hidden, sigma, sigma_end, zoom_target_weight, level_dropout, zoom_target_sum, selection,
-                  teacher_instance_weight, max_grad_norm, warmup, epochs, lr, lr_patience, weight_decay, seed,
+                  teacher_instance_weight, teacher, max_grad_norm, warmup, epochs, lr, lr_patience, weight_decay, seed,
                   split_seed, device, patience, cache, sparse, slides, cache_dir, encoder_weights, precision, runtime,
                   batch_size, workers, lookahead, explore_budget, cluster, backend, mask_dir, resume) -> None:
     """Train a model; keep the epoch with the best validation weighted F1.
@@ -147,7 +153,7 @@ def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, architect
                           attn_hidden=attn_hidden, sigma=sigma, sigma_end=sigma_end,
                           zoom_target_weight=zoom_target_weight, level_dropout=level_dropout,
                           zoom_target_sum=zoom_target_sum, selection=selection,
-                          teacher_instance_weight=teacher_instance_weight,
+                          teacher_instance_weight=teacher_instance_weight, teacher=teacher,
                           max_grad_norm=max_grad_norm, warmup=warmup,
                           epochs=epochs, lr=lr, lr_patience=lr_patience, weight_decay=weight_decay, seed=seed,
                           split_seed=split_seed, device=device, patience=patience,

@@ -317,6 +317,45 @@ def test_a_warm_up_trains_the_zoom_target_alone(features, tmp_path: Path, monkey
         assert epochs_run == [True] * applied + [False] * (3 - applied)
 
 
+def test_zoommil_follows_a_trained_abmil_run_or_refuses_it_in_one_line(features, tmp_path: Path) -> None:
+    import hashlib
+
+    features_dir, labels = features
+    widths = dict(hidden=16, attn_hidden=8, seed=1, progress=False)
+    abmil = tmp_path / "abmil"
+    train_model(features_dir, labels, abmil, architecture="abmil", magnifications=[10.0], epochs=2, lr=1e-3, **widths)
+    # At lr 0 nothing trains, so the run keeps what the teacher gave it.
+    summary = train_model(features_dir, labels, tmp_path / "taught", k=2, epochs=1, lr=0.0, teacher=abmil, **widths)
+    assert summary["teacher"] == {"run": str(abmil), "weights_sha256": hashlib.sha256(
+        (abmil / "model.safetensors").read_bytes()).hexdigest()}
+    taught, teacher = load_run(tmp_path / "taught").model, load_run(abmil).model
+    for ours, theirs in ((taught.levels[-1].project, teacher.project), (taught.levels[-1].attention, teacher.attention),
+                         (taught.classifier, teacher.classifier)):
+        assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
+    assert not torch.equal(taught.levels[0].project[0].weight, teacher.project[0].weight)
+
+    zoommil = tmp_path / "taught"
+    other_width = tmp_path / "wide"
+    train_model(features_dir, labels, other_width, architecture="abmil", magnifications=[10.0], epochs=1,
+                **{**widths, "hidden": 32})
+    at_25 = tmp_path / "abmil25"
+    train_model(features_dir, labels, at_25, architecture="abmil", magnifications=[2.5], epochs=1, **widths)
+    for case, teacher_run, settings, message in (
+            ("a zoommil run", zoommil, {}, "architecture abmil"),
+            ("another width", other_width, {}, "hidden 16"),
+            ("another magnification", at_25, {}, r"magnifications \[10.0\]"),
+            ("no zoom target", abmil, {"zoom_target_weight": 0.0}, "no zoom target"),
+            ("a baseline", abmil, {"architecture": "abmil"}, "no zoom target")):
+        with pytest.raises(UsageError, match=message) as info:
+            train_model(features_dir, labels, tmp_path / case, k=2, epochs=1, teacher=teacher_run,
+                        **{**widths, **settings})
+        assert "\n" not in str(info.value)
+        assert not (tmp_path / case / "model.safetensors").exists()
+    result = CliRunner().invoke(cli, ["train", "--features", str(features_dir), "--labels", str(labels), "--out",
+                                      str(tmp_path / "cli"), "--teacher", str(zoommil)])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+
+
 @pytest.mark.parametrize("lr_patience", [5, 0])
 def test_a_stopped_run_resumes_to_the_model_of_an_unstopped_one(features, tmp_path: Path, monkeypatch,
                                                                  lr_patience: int) -> None:

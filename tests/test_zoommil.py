@@ -8,7 +8,9 @@ import torch
 
 from zoompipe.evaluate import predict_logits
 from zoompipe.model import DenseRows, ZoomMIL, ZoomMILConfig
+from zoompipe.model.abmil import ABMIL, ABMILConfig
 from zoompipe.model.attention import masked_softmax
+from zoompipe.model.teacher import start_from_teacher, teacher_attention
 from zoompipe.model.topk import normalise_scores
 from zoompipe.train import balanced_sampler, train_one_epoch
 
@@ -300,6 +302,38 @@ def test_zoom_target_is_the_teachers_attention_summed_over_descendants() -> None
     out = model(bags, children, label)  # weighted into the training output
     assert out.aux_loss is not None and out.aux_loss.requires_grad
     assert _model(zoom_target_weight=0.0).train()(bags, children, label).aux_loss is None
+
+
+def test_a_trained_teachers_attention_is_the_zoom_target_and_its_weights_start_the_last_level() -> None:
+    bags, children, label = make_slides(1, seed=6)[0]
+    model = _model(dropout=0.0).train()
+    torch.manual_seed(1)
+    teacher = ABMIL(ABMILConfig(in_dim=DIM, n_classes=2, magnifications=[10.0], hidden=64, attn_hidden=32)).eval()
+    start_from_teacher(model, teacher)
+    model.teacher = teacher_attention(teacher)
+    taught = teacher([bags[2]], [])
+    last = model.levels[2]
+    z = last.project(bags[2])
+    attention = masked_softmax(last.attention(z))
+    torch.testing.assert_close(attention, taught.attention[0])
+    torch.testing.assert_close(model.classifier(attention @ z), taught.logits)
+
+    with torch.no_grad():  # the last head moves on in training; the target stays the teacher's
+        last.attention.score.weight.add_(torch.randn_like(last.attention.score.weight))
+    attention = masked_softmax(last.attention(z))
+    assert not torch.allclose(attention, taught.attention[0], atol=1e-3)
+    loss = model.zoom_target_loss(bags, children, label)
+    expected = torch.nn.functional.cross_entropy(model.classifier(attention @ z)[None], torch.tensor([label]))
+    mass_25 = torch.stack([sum(taught.attention[0][c] for c in row if c >= 0) for row in children[1]])
+    mass_125 = torch.stack([sum(mass_25[c] for c in row if c >= 0) for row in children[0]])
+    for step, mass in ((0, mass_125), (1, mass_25)):
+        level = model.levels[step]
+        log_q = torch.log_softmax(level.zoom(level.project(bags[step])), dim=0)
+        expected = expected + (mass * (mass.log() - log_q)).sum()
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert "teacher" not in str(list(model.state_dict()))  # never saved with the model
 
 
 def test_the_teachers_instance_loss_pseudo_labels_its_dense_last_bag() -> None:

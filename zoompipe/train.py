@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -34,6 +35,7 @@ from zoompipe.evaluate import Slide, on_device, predict_logits
 from zoompipe.metrics import classification_metrics
 from zoompipe.model import config_fields, create_model, model_class, save_run
 from zoompipe.resume import Best, TrainingState, clear_state, fingerprint, load_state, save_state
+from zoompipe.run_config import WEIGHTS_NAME
 from zoompipe.train_defaults import (
     DEFAULT_K,
     DEFAULT_LEVEL_DROPOUT,
@@ -48,6 +50,7 @@ from zoompipe.train_defaults import (
 )
 
 if TYPE_CHECKING:
+    from zoompipe.contract import PipelineContract
     from zoompipe.sparse import SparseDataset, SparseSettings
 
 LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "val_acc", "val_f1", "lr", "sigma")
@@ -176,6 +179,7 @@ def train_model(
     cache: bool = True,
     progress: bool = True,
     sparse: SparseSettings | None = None,
+    teacher: str | os.PathLike | None = None,
     resume: bool = False,
 ) -> dict[str, Any]:
     """Train a model and keep the checkpoint with the best validation weighted F1.
@@ -261,6 +265,12 @@ def train_model(
         the children that the steps and validation need are embedded from the raw slides into a
         per-slide cache. The patches embedded per magnification and epoch, and the dense count,
         go to ``log.csv`` (column ``embedded``) and ``train_summary.json`` (``sparse``).
+    teacher : path, optional
+        ZoomMIL: a run of ABMIL trained on the cascade's last magnification, with the same
+        widths, classes and features (:mod:`zoompipe.model.teacher`). Its attention over each
+        slide's dense last-magnification bag is the zoom heads' target, in place of the model's
+        own last head's, and its weights start the last level and the classifier. Needs dense
+        features.
     resume : bool
         Go on from the last finished epoch of a stopped run in ``out_dir`` (its state is kept
         after every epoch, :mod:`zoompipe.resume`), to the model an unstopped run would give;
@@ -352,6 +362,9 @@ def train_model(
     fields = config_fields(architecture)
     model = create_model(architecture, in_dim=in_dim, n_classes=len(class_names), magnifications=mags,
                          **{name: value for name, value in hyper.items() if name in fields}).to(device)
+    teacher_digest = None
+    if teacher is not None:
+        teacher_digest = _follow_teacher(model, teacher, class_names, pipeline, sparse is not None, device)
     warmup_epochs = int(warmup * epochs) if getattr(model, "trains_zoom_target", False) else 0
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.8, patience=lr_patience)
@@ -364,7 +377,8 @@ def train_model(
                          "classes": class_names, "splits": splits, **hyper, "sigma_end": sigma_end,
                          "max_grad_norm": max_grad_norm, "warmup_epochs": warmup_epochs,
                          "epochs": epochs, "lr": lr, "lr_patience": lr_patience,
-                         "weight_decay": weight_decay, "seed": seed, "sparse": None if sparse is None else {
+                         "weight_decay": weight_decay, "seed": seed, "teacher": teacher_digest,
+                         "sparse": None if sparse is None else {
                              name: value for name, value in dataclasses.asdict(sparse).items()
                              if name not in ("runtime", "batch_size", "workers", "lookahead", "cluster", "backend")}})
     state = load_state(out_dir, steps, model, optimizer, sampler.generator) if resume else None
@@ -445,11 +459,29 @@ def train_model(
                      "weight_decay": weight_decay, "epochs": epochs, "seed": seed,
                      "split_seed": split_seed},
     }
+    if teacher is not None:
+        summary["teacher"] = {"run": str(teacher), "weights_sha256": teacher_digest}
     if sparse is not None:
         summary["sparse"] = sparse_report(train_set, val_set, reused, per_epoch, cache_dir, sparse)
     write_text(out_dir / "train_summary.json", json.dumps(summary, indent=2) + "\n")
     clear_state(out_dir)
     return summary
+
+
+def _follow_teacher(model: torch.nn.Module, teacher: str | os.PathLike, class_names: list[str],
+                    pipeline: PipelineContract | None, sparse: bool, device: str) -> str:
+    """Set ``model`` to learn where to zoom from a trained ABMIL run; the digest of its weights."""
+    from zoompipe.model.teacher import load_teacher, start_from_teacher, teacher_attention
+
+    if not getattr(model, "trains_zoom_target", False):
+        raise UsageError("--teacher gives ZoomMIL's zoom heads their target; this model has no zoom target "
+                         "(a baseline, one magnification, or --zoom-target-weight 0)")
+    if sparse:
+        raise UsageError("--teacher reads every slide's dense last-magnification bag; --sparse embeds only part of it")
+    trained = load_teacher(teacher, model, class_names, pipeline, device)
+    start_from_teacher(model, trained)
+    model.teacher = teacher_attention(trained)
+    return hashlib.sha256((Path(teacher) / WEIGHTS_NAME).read_bytes()).hexdigest()
 
 
 def _log_rows(path: Path, epochs: int) -> list[list[str]]:

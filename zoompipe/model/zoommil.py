@@ -252,6 +252,10 @@ class ZoomMIL(nn.Module):
         self.select = PerturbedTopK(config.n_samples, config.sigma)
         if config.teacher_instance_weight > 0:
             self.instance_classifiers = instance_classifiers(config.hidden, config.n_classes)
+        #: Training only, never saved: the attention over the dense last-magnification bag that
+        #: the zoom heads follow, from a trained single-magnification run
+        #: (:mod:`zoompipe.model.teacher`); None: the model's own last head's.
+        self.teacher: Callable[[Tensor], Tensor] | None = None
 
     @property
     def trains_zoom_target(self) -> bool:
@@ -467,7 +471,9 @@ class ZoomMIL(nn.Module):
         magnification; each zoom head's softmax over its dense bag is pulled towards it (KL
         divergence, the target detached). The zoom heads so learn to rank first the patches
         under which the evidence lies, which the perturbed top-K's Monte-Carlo gradient alone
-        finds only by chance when the evidence occupies a few patches.
+        finds only by chance when the evidence occupies a few patches. With :attr:`teacher`
+        set, the target is that trained model's attention instead of the last head's; the
+        cross-entropy still trains the last head on the dense bag.
 
         Parameters
         ----------
@@ -507,7 +513,7 @@ class ZoomMIL(nn.Module):
             if self.config.teacher_instance_weight > 0:
                 loss = loss + self.config.teacher_instance_weight * instance_loss(
                     self.instance_classifiers, z, teacher_scores, int(label), self.config.k_sample)
-        mass = attention.detach()
+        mass = (attention if self.teacher is None else self.teacher(bags[-1])).detach()
         for step in reversed(range(len(self.levels) - 1)):
             index = children[step]
             valid = index >= 0

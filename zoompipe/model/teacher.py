@@ -1,0 +1,79 @@
+"""A trained single-magnification run as ZoomMIL's teacher: where the zoom heads should look.
+
+ZoomMIL's own zoom target comes from its last head, trained at the same time on the dense
+last-magnification bag (:meth:`~zoompipe.model.ZoomMIL.zoom_target_loss`); until that head has
+found the evidence, the zoom heads follow noise. A run of ABMIL trained on that magnification
+alone has found it already, and its attention is the target from the first step.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from zoompipe.contract import PipelineContract, first_disagreement
+from zoompipe.errors import ContractError, UsageError
+from zoompipe.model.abmil import ABMIL
+from zoompipe.model.checkpoint import load_run
+from zoompipe.model.zoommil import ZoomMIL
+
+#: Attention (N,), summing to one, over a slide's dense last-magnification bag (N, D).
+TeacherAttention = Callable[[Tensor], Tensor]
+
+
+def load_teacher(
+    run_dir: str | os.PathLike,
+    model: ZoomMIL,
+    class_names: Sequence[str],
+    pipeline: PipelineContract | None,
+    device: str | torch.device = "cpu",
+) -> ABMIL:
+    """Load an ABMIL run that can teach ``model``, frozen and in eval mode.
+
+    The run must read ``model``'s last magnification, with its feature dimension, classes,
+    projection and attention widths, from features made as ``pipeline`` says; anything else is
+    refused in one line (:class:`~zoompipe.errors.UsageError`, or
+    :class:`~zoompipe.errors.ContractError` for features made otherwise).
+    """
+    teacher, config = load_run(run_dir, device)
+    wanted = {"architecture": "abmil", "magnifications": model.config.magnifications[-1:],
+              "in_dim": model.config.in_dim, "hidden": model.config.hidden,
+              "attn_hidden": model.config.attn_hidden, "classes": list(class_names)}
+    found = {"architecture": config.architecture, "magnifications": teacher.config.magnifications,
+             "in_dim": teacher.config.in_dim, "hidden": teacher.config.hidden,
+             "attn_hidden": getattr(teacher.config, "attn_hidden", None), "classes": config.class_names}
+    for name, value in wanted.items():
+        if found[name] != value:
+            raise UsageError(f"{Path(run_dir)}: a teacher needs {name} {value}, the run has {found[name]}")
+    difference = pipeline and config.pipeline and first_disagreement(config.pipeline, pipeline)
+    if difference or (pipeline is None) != (config.pipeline is None):
+        raise ContractError(f"{Path(run_dir)}: the teacher was trained on features made otherwise "
+                            f"({difference or 'one of them records no pipeline contract'})")
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    return teacher
+
+
+def teacher_attention(teacher: ABMIL) -> TeacherAttention:
+    """The frozen teacher's attention over a dense bag, without gradient."""
+
+    @torch.no_grad()
+    def attention(bag: Tensor) -> Tensor:
+        return teacher([bag], []).attention[0]
+
+    return attention
+
+
+def start_from_teacher(model: ZoomMIL, teacher: ABMIL) -> None:
+    """Give ``model``'s last level (projection and attention) and classifier the teacher's weights.
+
+    The zoomed bags are then classified, from the first step, by a head that already knows the
+    evidence; the lower levels' vectors join that classifier's input as training goes on.
+    """
+    last = model.levels[-1]
+    last.project.load_state_dict(teacher.project.state_dict())
+    last.attention.load_state_dict(teacher.attention.state_dict())
+    model.classifier.load_state_dict(teacher.classifier.state_dict())
