@@ -74,14 +74,14 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
               help="ZoomMIL: a trained ABMIL run on the last magnification (zoompipe train --architecture abmil "
                    "--magnifications 10, same --hidden, --attn-hidden, classes and features): the zoom heads follow its "
                    "attention over each slide's dense last-magnification bag, and its weights start the last level and "
-                   "the classifier. Dense features only. [default: the model's own last head teaches]")
+                   "the classifier; no warm-up. Dense features only. [default: the model's own last head teaches]")
 @click.option("--max-grad-norm", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MAX_GRAD_NORM,
               help="Clip each step's gradient norm to this value.")
 @click.option("--warmup", type=click.FloatRange(min=0, max=1, max_open=True), default=DEFAULT_WARMUP,
               show_default=True,
               help="ZoomMIL: this fraction of --epochs trains the zoom target alone (the dense last-magnification "
                    "teacher and the zoom heads following its attention) before the zoomed bags' classification "
-                   "joins; 0: both from the first epoch.")
+                   "joins; 0: both from the first epoch. None with --teacher, whose attention is learnt already.")
 @click.option("--epochs", type=click.IntRange(min=1), default=100, help="Maximum epochs.")
 @click.option("--lr", type=float, default=1e-4, help="Adam learning rate.")
 @click.option("--lr-patience", type=click.IntRange(min=0), default=DEFAULT_LR_PATIENCE, show_default=True,

@@ -238,8 +238,8 @@ def train_model(
         ZoomMIL with a zoom target: this fraction of ``epochs`` (rounded down) trains the zoom
         target alone, that is the dense teacher (ABMIL at the last magnification, sharing its head
         and classifier) and the zoom heads that follow its attention; the classification of the
-        zoomed bags joins after it. Other models, and ZoomMIL without a zoom target (weight 0, or
-        a single magnification), have no warm-up; ``train_summary.json`` records the epochs applied (``warmup_epochs``).
+        zoomed bags joins after it. Other models, ZoomMIL without a zoom target (weight 0, or
+        a single magnification) and ZoomMIL with a trained ``teacher`` have no warm-up; ``train_summary.json`` records the epochs applied (``warmup_epochs``).
     epochs : int
         Maximum number of epochs.
     lr, weight_decay : float
@@ -269,8 +269,8 @@ def train_model(
         ZoomMIL: a run of ABMIL trained on the cascade's last magnification, with the same
         widths, classes and features (:mod:`zoompipe.model.teacher`). Its attention over each
         slide's dense last-magnification bag is the zoom heads' target, in place of the model's
-        own last head's, and its weights start the last level and the classifier. Needs dense
-        features.
+        own last head's, and its weights start the last level and the classifier; there is no
+        warm-up. Needs dense features.
     resume : bool
         Go on from the last finished epoch of a stopped run in ``out_dir`` (its state is kept
         after every epoch, :mod:`zoompipe.resume`), to the model an unstopped run would give;
@@ -365,7 +365,8 @@ def train_model(
     teacher_digest = None
     if teacher is not None:
         teacher_digest = _follow_teacher(model, teacher, class_names, pipeline, sparse is not None, device)
-    warmup_epochs = int(warmup * epochs) if getattr(model, "trains_zoom_target", False) else 0
+    # The warm-up waits for the model's own teacher to find the evidence; a trained one has.
+    warmup_epochs = int(warmup * epochs) if getattr(model, "trains_zoom_target", False) and teacher is None else 0
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.8, patience=lr_patience)
                  if lr_patience else None)
