@@ -28,6 +28,7 @@ from zoompipe.features import write_feature_file as write_preprocessed
 from zoompipe.grid import PatchGrid, child_grid
 from zoompipe.metrics import classification_metrics
 from zoompipe.model import create_model, load_run
+from zoompipe.model.teacher import load_teacher
 from zoompipe.train import train_model, train_one_epoch
 
 MAGS = [1.25, 2.5, 10.0]
@@ -334,6 +335,11 @@ def test_zoommil_follows_a_trained_abmil_run_or_refuses_it_in_one_line(features,
                          (taught.classifier, teacher.classifier)):
         assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
     assert not torch.equal(taught.levels[0].project[0].weight, teacher.project[0].weight)
+    # Loading the teacher leaves the global random stream alone, so a taught run draws what another draws.
+    pipeline = load_run(abmil).config.pipeline
+    state = torch.random.get_rng_state()
+    load_teacher(abmil, taught, ["benign", "tumour"], pipeline)
+    assert torch.equal(torch.random.get_rng_state(), state)
 
     zoommil = tmp_path / "taught"
     other_width = tmp_path / "wide"

@@ -38,7 +38,10 @@ def load_teacher(
     refused in one line (:class:`~zoompipe.errors.UsageError`, or
     :class:`~zoompipe.errors.ContractError` for features made otherwise).
     """
-    teacher, config = load_run(run_dir, device)
+    # Building the model draws initial weights from the global random stream, which the
+    # training's own draws follow: a taught run must draw what an untaught one draws.
+    with torch.random.fork_rng(devices=[]):
+        teacher, config = load_run(run_dir, device)
     wanted = {"architecture": "abmil", "magnifications": model.config.magnifications[-1:],
               "in_dim": model.config.in_dim, "hidden": model.config.hidden,
               "attn_hidden": model.config.attn_hidden, "classes": list(class_names)}
