@@ -275,6 +275,19 @@ def test_training_survives_selected_parents_without_children() -> None:
         assert torch.isfinite(evaluated.logits).all()
 
 
+def _zoom_heads_kl(model: ZoomMIL, bags, children, attention: torch.Tensor) -> torch.Tensor:
+    """The zoom heads' KL terms written the slow way: a parent's mass is the sum of its children's."""
+    mass_25 = torch.stack([sum(attention[c] for c in row if c >= 0) for row in children[1]])
+    mass_125 = torch.stack([sum(mass_25[c] for c in row if c >= 0) for row in children[0]])
+    torch.testing.assert_close(mass_125.sum(), torch.tensor(1.0))
+    total = attention.new_zeros(())
+    for step, mass in ((0, mass_125), (1, mass_25)):
+        level = model.levels[step]
+        log_q = torch.log_softmax(level.zoom(level.project(bags[step])), dim=0)
+        total = total + (mass * (mass.log() - log_q)).sum()
+    return total
+
+
 def test_zoom_target_is_the_teachers_attention_summed_over_descendants() -> None:
     bags, children, label = make_slides(1, seed=6)[0]
     model = _model(dropout=0.0, zoom_target_weight=2.0).train()
@@ -286,15 +299,7 @@ def test_zoom_target_is_the_teachers_attention_summed_over_descendants() -> None
     attention = torch.softmax(last.attention(z), dim=0).detach()
     expected = torch.nn.functional.cross_entropy(
         model.classifier(below_last + attention @ z)[None], torch.tensor([label]))
-    # Written the slow way: a parent's mass is the sum of its children's, one loop per level.
-    mass_25 = torch.stack([sum(attention[c] for c in row if c >= 0) for row in children[1]])
-    mass_125 = torch.stack([sum(mass_25[c] for c in row if c >= 0) for row in children[0]])
-    for step, mass in ((0, mass_125), (1, mass_25)):
-        level = model.levels[step]
-        log_q = torch.log_softmax(level.zoom(level.project(bags[step])), dim=0)
-        expected = expected + (mass * (mass.log() - log_q)).sum()
-    torch.testing.assert_close(loss, expected)
-    torch.testing.assert_close(mass_125.sum(), torch.tensor(1.0))
+    torch.testing.assert_close(loss, expected + _zoom_heads_kl(model, bags, children, attention))
 
     loss.backward()
     for level in model.levels[:2]:  # the target reaches the zoom heads directly
@@ -324,13 +329,7 @@ def test_a_trained_teachers_attention_is_the_zoom_target_and_its_weights_start_t
     assert not torch.allclose(attention, taught.attention[0], atol=1e-3)
     loss = model.zoom_target_loss(bags, children, label)
     expected = torch.nn.functional.cross_entropy(model.classifier(attention @ z)[None], torch.tensor([label]))
-    mass_25 = torch.stack([sum(taught.attention[0][c] for c in row if c >= 0) for row in children[1]])
-    mass_125 = torch.stack([sum(mass_25[c] for c in row if c >= 0) for row in children[0]])
-    for step, mass in ((0, mass_125), (1, mass_25)):
-        level = model.levels[step]
-        log_q = torch.log_softmax(level.zoom(level.project(bags[step])), dim=0)
-        expected = expected + (mass * (mass.log() - log_q)).sum()
-    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(loss, expected + _zoom_heads_kl(model, bags, children, taught.attention[0]))
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert "teacher" not in str(list(model.state_dict()))  # never saved with the model
