@@ -239,7 +239,8 @@ def train_model(
         target alone, that is the dense teacher (ABMIL at the last magnification, sharing its head
         and classifier) and the zoom heads that follow its attention; the classification of the
         zoomed bags joins after it. Other models, ZoomMIL without a zoom target (weight 0, or
-        a single magnification) and ZoomMIL with a trained ``teacher`` have no warm-up; ``train_summary.json`` records the epochs applied (``warmup_epochs``).
+        a single magnification) and ZoomMIL with a trained ``teacher`` have no warm-up;
+        ``train_summary.json`` records the epochs applied (``warmup_epochs``).
     epochs : int
         Maximum number of epochs.
     lr, weight_decay : float
