@@ -165,6 +165,16 @@ def first_disagreement(a: PipelineContract, b: PipelineContract) -> str | None:
     return None
 
 
+def contract_difference(a: PipelineContract | None, b: PipelineContract | None) -> str | None:
+    """Why two recorded contracts, either of which may be missing, do not agree; None when they do.
+
+    Two missing contracts agree (features from elsewhere on both sides); one missing does not.
+    """
+    if (a is None) != (b is None):
+        return "one of them records no pipeline contract"
+    return None if a is None else first_disagreement(a, b)
+
+
 def file_sha256(path: str | Path) -> str:
     """``sha256:<hex>`` of a file's bytes: the identity of a weights or mask file.
 

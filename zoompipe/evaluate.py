@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from zoompipe.contract import first_disagreement
+from zoompipe.contract import contract_difference
 from zoompipe.dataset import SlideDataset, agreed_contract, read_labels, read_splits
 from zoompipe.errors import ContractError, ZoompipeError
 from zoompipe.metrics import classification_metrics
@@ -118,10 +118,10 @@ def evaluate_run(
         cache=False,
     )
     features = agreed_contract(dataset.paths)
-    difference = features and config.pipeline and first_disagreement(config.pipeline, features)
-    if difference or (features is None) != (config.pipeline is None):
+    difference = contract_difference(config.pipeline, features)
+    if difference:
         raise ContractError(f"{features_dir}: the features were not made like the training features of "
-                            f"{run_dir} ({difference or 'one of them records no pipeline contract'})")
+                            f"{run_dir} ({difference})")
     probabilities = torch.softmax(predict_logits(model, dataset, device), dim=1).numpy()
     metrics = {
         **classification_metrics(np.array(targets), probabilities),

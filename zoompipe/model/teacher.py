@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from zoompipe.contract import PipelineContract, first_disagreement
+from zoompipe.contract import PipelineContract, contract_difference
 from zoompipe.errors import ContractError, UsageError
 from zoompipe.model.abmil import ABMIL
 from zoompipe.model.checkpoint import load_run
@@ -51,10 +51,9 @@ def load_teacher(
     for name, value in wanted.items():
         if found[name] != value:
             raise UsageError(f"{Path(run_dir)}: a teacher needs {name} {value}, the run has {found[name]}")
-    difference = pipeline and config.pipeline and first_disagreement(config.pipeline, pipeline)
-    if difference or (pipeline is None) != (config.pipeline is None):
-        raise ContractError(f"{Path(run_dir)}: the teacher was trained on features made otherwise "
-                            f"({difference or 'one of them records no pipeline contract'})")
+    difference = contract_difference(config.pipeline, pipeline)
+    if difference:
+        raise ContractError(f"{Path(run_dir)}: the teacher was trained on features made otherwise ({difference})")
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
     return teacher
