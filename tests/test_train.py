@@ -328,7 +328,7 @@ def test_zoommil_follows_a_trained_abmil_run_or_refuses_it_in_one_line(features,
     # At lr 0 nothing trains, so the run keeps what the teacher gave it.
     summary = train_model(features_dir, labels, tmp_path / "taught", k=2, epochs=2, lr=0.0, teacher=abmil, **widths)
     assert summary["training"]["warmup"] == 0.5 and summary["training"]["warmup_epochs"] == 0
-    assert summary["teacher"] == {"run": str(abmil), "weights_sha256": hashlib.sha256(
+    assert summary["teacher"] == {"run": str(abmil), "weights_sha256": "sha256:" + hashlib.sha256(
         (abmil / "model.safetensors").read_bytes()).hexdigest()}
     taught, teacher = load_run(tmp_path / "taught").model, load_run(abmil).model
     for ours, theirs in ((taught.levels[-1].project, teacher.project), (taught.levels[-1].attention, teacher.attention),

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import json
 import os
 import random
@@ -19,6 +18,7 @@ from torch.utils.data import WeightedRandomSampler
 from tqdm import tqdm
 
 from zoompipe.atomic import write_text
+from zoompipe.contract import PipelineContract, file_sha256
 from zoompipe.dataset import (
     SlideDataset,
     agreed_contract,
@@ -50,7 +50,6 @@ from zoompipe.train_defaults import (
 )
 
 if TYPE_CHECKING:
-    from zoompipe.contract import PipelineContract
     from zoompipe.sparse import SparseDataset, SparseSettings
 
 LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "val_acc", "val_f1", "lr", "sigma")
@@ -483,7 +482,7 @@ def _follow_teacher(model: torch.nn.Module, teacher: str | os.PathLike, class_na
     trained = load_teacher(teacher, model, class_names, pipeline, device)
     start_from_teacher(model, trained)
     model.teacher = teacher_attention(trained)
-    return hashlib.sha256((Path(teacher) / WEIGHTS_NAME).read_bytes()).hexdigest()
+    return file_sha256(Path(teacher) / WEIGHTS_NAME)
 
 
 def _log_rows(path: Path, epochs: int) -> list[list[str]]:
