@@ -156,14 +156,24 @@ def run_predict(run_dir: Path, slides: list[Path], out_dir: Path, options: list[
 def localisation(prediction: Prediction, regions: np.ndarray) -> tuple[int, int, float]:
     """(lesions hit by a last-magnification patch, lesions, share of that magnification's attention inside them)."""
     report = prediction.magnifications[-1]
-    scale = REGIONS_MPP / prediction.slide_mpp  # level-0 pixels per region-mask pixel
-    centres = ((report.boxes[:, :2] + report.boxes[:, 2:]) / 2 / scale).astype(int)
+    return localise(report.boxes, report.attention, regions, prediction.slide_mpp)
+
+
+def localise(boxes: np.ndarray, attention: np.ndarray, regions: np.ndarray,
+             slide_mpp: float) -> tuple[int, int, float]:
+    """:func:`localisation` of patches given by their level-0 boxes (x0, y0, x1, y1) and attention.
+
+    A patch is inside the lesion that its centre falls in (``regions``: the cohort's lesion mask,
+    one label per lesion, at ``REGIONS_MPP``).
+    """
+    scale = REGIONS_MPP / slide_mpp  # level-0 pixels per region-mask pixel
+    centres = ((boxes[:, :2] + boxes[:, 2:]) / 2 / scale).astype(int)
     cy = np.clip(centres[:, 1], 0, regions.shape[0] - 1)
     cx = np.clip(centres[:, 0], 0, regions.shape[1] - 1)
     labels = regions[cy, cx]
     n_regions = int(regions.max())
     hit = len(set(labels[labels > 0].tolist()))
-    mass = float(report.attention[labels > 0].sum())
+    mass = float(np.asarray(attention)[labels > 0].sum())
     return hit, n_regions, mass
 
 

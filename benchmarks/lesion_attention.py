@@ -1,0 +1,88 @@
+"""Where trained runs look, per class: their last magnification's attention inside the lesions.
+
+The zoom benchmark (``zoom_vs_full.py``) reports, per fold, the share of ZoomMIL's 10x attention
+inside the cohort's lesions. This script splits that share by the slides' class, for any runs
+(ABMIL at 10x over its dense bag, ZoomMIL over the 10x patches it zoomed into), scored on the
+dense feature files of a ``zoom_vs_full.py`` output folder: the model's eval forward, which is
+what ``predict`` computes from the raw slides (``tests/test_engine.py``). A zoom target taken
+from a model's attention teaches the zoom heads to look where that model looks, class by class.
+
+Usage::
+
+    python benchmarks/lesion_attention.py --bench bench40 --runs RUN [RUN ...] [--split test]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from zoom_vs_full import localise
+from zoompipe.dataset import feature_path, read_bags, read_labels, read_splits
+from zoompipe.features import read_feature_file
+from zoompipe.model import load_run
+
+
+def slide_localisation(model: torch.nn.Module, class_names: list[str], features: Path, regions_dir: Path,
+                       slide_id: str) -> dict:
+    """Prediction and localisation of one slide by a model in eval mode, from its dense feature file."""
+    path = feature_path(features, slide_id)
+    magnifications = model.config.magnifications
+    bags, children, coords = read_bags(path, magnifications)
+    with torch.no_grad():
+        out = model(bags, children)
+    last = read_feature_file(path, magnifications[-1:], load_features=False).grids[0]
+    slide_mpp = last.patch_size * last.mpp / last.patch_size_level0
+    rows = out.rows[-1].numpy()
+    boxes = np.concatenate([coords[-1][rows], coords[-1][rows] + last.patch_size_level0], axis=1)
+    regions = cv2.imread(str(regions_dir / f"{slide_id}.png"), cv2.IMREAD_UNCHANGED)
+    hit, n_lesions, mass = localise(boxes, out.attention[-1].numpy(), regions, slide_mpp)
+    _, _, share = localise(boxes, np.full(len(rows), 1 / len(rows)), regions, slide_mpp)
+    return {"slide_id": slide_id, "predicted": class_names[int(out.logits.argmax())],
+            "lesions_reached": hit, "lesions": n_lesions, "attention_in_lesions": mass,
+            "patches_in_lesions": share, "patches_read": len(rows)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bench", type=Path, required=True,
+                        help="a zoom_vs_full.py output folder (cohort/labels.csv, cohort/regions, pre/features)")
+    parser.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders, each with its splits.csv")
+    parser.add_argument("--split", default="test", help="the split of each run to score")
+    parser.add_argument("--out", type=Path, help="write every slide's figures here as JSON")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    labels = read_labels(args.bench / "cohort" / "labels.csv")
+    slides = []
+    for run in args.runs:
+        model, config = load_run(run)
+        splits = read_splits(run / "splits.csv")
+        for slide_id in sorted(s for s in labels if splits.get(s) == args.split):
+            entry = slide_localisation(model, config.class_names, args.bench / "pre" / "features", args.bench / "cohort" / "regions",
+                                       slide_id)
+            slides.append({"run": str(run), "label": labels[slide_id], **entry})
+    by_class: dict[str, list[dict]] = defaultdict(list)
+    for entry in slides:
+        by_class[entry["label"]].append(entry)
+    print(f"{len(args.runs)} runs, {args.split} slides\n")
+    print("| class | slides | right | lesions reached | attention inside lesions | patches read inside lesions |")
+    print("|---|---|---|---|---|---|")
+    for name in sorted(by_class):
+        group = by_class[name]
+        right = sum(e["predicted"] == name for e in group)
+        reached = sum(e["lesions_reached"] for e in group) / max(sum(e["lesions"] for e in group), 1)
+        print(f"| {name} | {len(group)} | {right} | {100 * reached:.0f}% "
+              f"| {100 * np.mean([e['attention_in_lesions'] for e in group]):.0f}% "
+              f"| {100 * np.mean([e['patches_in_lesions'] for e in group]):.1f}% |")
+    if args.out:
+        args.out.write_text(json.dumps(slides, indent=1))
+
+
+if __name__ == "__main__":
+    main()
