@@ -15,10 +15,12 @@ from zoompipe.train_defaults import (
     DEFAULT_SELECTION,
     DEFAULT_SIGMA_END,
     DEFAULT_TEACHER_INSTANCE_WEIGHT,
+    DEFAULT_TEACHER_TARGET,
     DEFAULT_WARMUP,
     DEFAULT_ZOOM_TARGET_SUM,
     DEFAULT_ZOOM_TARGET_WEIGHT,
     SELECTIONS,
+    TEACHER_TARGETS,
 )
 
 from .options import mask_dir_option, parse_magnifications
@@ -75,6 +77,10 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
                    "--magnifications 10, same --hidden, --attn-hidden, classes and features): the zoom heads follow its "
                    "attention over each slide's dense last-magnification bag, and its weights start the last level and "
                    "the classifier; no warm-up. Dense features only. [default: the model's own last head teaches]")
+@click.option("--teacher-target", type=click.Choice(TEACHER_TARGETS), default=DEFAULT_TEACHER_TARGET, show_default=True,
+              help="With --teacher: what the zoom heads follow. attention: the teacher's attention; evidence: each "
+                   "patch's class evidence against the bag's mean patch, which marks the evidence of every class even "
+                   "where the teacher's attention decides a class by what is missing.")
 @click.option("--max-grad-norm", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MAX_GRAD_NORM,
               help="Clip each step's gradient norm to this value.")
 @click.option("--warmup", type=click.FloatRange(min=0, max=1, max_open=True), default=DEFAULT_WARMUP,
@@ -129,7 +135,7 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
                    "model an unstopped run gives; its state is kept in OUT/resume/ after every epoch.")
 def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, architecture, magnifications, k, hidden,
                   attn_hidden, sigma, sigma_end, zoom_target_weight, level_dropout, zoom_target_sum, selection,
-                  teacher_instance_weight, teacher, max_grad_norm, warmup, epochs, lr, lr_patience, weight_decay, seed,
+                  teacher_instance_weight, teacher, teacher_target, max_grad_norm, warmup, epochs, lr, lr_patience, weight_decay, seed,
                   split_seed, device, patience, cache, sparse, slides, cache_dir, encoder_weights, precision, runtime,
                   batch_size, workers, lookahead, explore_budget, cluster, backend, mask_dir, resume) -> None:
     """Train a model; keep the epoch with the best validation weighted F1.
@@ -154,6 +160,7 @@ def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, architect
                           zoom_target_weight=zoom_target_weight, level_dropout=level_dropout,
                           zoom_target_sum=zoom_target_sum, selection=selection,
                           teacher_instance_weight=teacher_instance_weight, teacher=teacher,
+                          teacher_target=teacher_target,
                           max_grad_norm=max_grad_norm, warmup=warmup,
                           epochs=epochs, lr=lr, lr_patience=lr_patience, weight_decay=weight_decay, seed=seed,
                           split_seed=split_seed, device=device, patience=patience,

@@ -329,7 +329,7 @@ def test_zoommil_follows_a_trained_abmil_run_or_refuses_it_in_one_line(features,
     summary = train_model(features_dir, labels, tmp_path / "taught", k=2, epochs=2, lr=0.0, teacher=abmil, **widths)
     assert summary["training"]["warmup"] == 0.5 and summary["training"]["warmup_epochs"] == 0
     assert summary["teacher"] == {"run": str(abmil), "weights_sha256": "sha256:" + hashlib.sha256(
-        (abmil / "model.safetensors").read_bytes()).hexdigest()}
+        (abmil / "model.safetensors").read_bytes()).hexdigest(), "target": "attention"}
     taught, teacher = load_run(tmp_path / "taught").model, load_run(abmil).model
     for ours, theirs in ((taught.levels[-1].project, teacher.project), (taught.levels[-1].attention, teacher.attention),
                          (taught.classifier, teacher.classifier)):
@@ -361,6 +361,11 @@ def test_zoommil_follows_a_trained_abmil_run_or_refuses_it_in_one_line(features,
     result = CliRunner().invoke(cli, ["train", "--features", str(features_dir), "--labels", str(labels), "--out",
                                       str(tmp_path / "cli"), "--teacher", str(zoommil)])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    result = CliRunner().invoke(cli, ["train", "--features", str(features_dir), "--labels", str(labels), "--out",
+                                      str(tmp_path / "evidence"), "--teacher", str(abmil), "--teacher-target",
+                                      "evidence", "--k", "2", "--hidden", "16", "--attn-hidden", "8", "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "evidence" / "train_summary.json").read_text())["teacher"]["target"] == "evidence"
 
 
 @pytest.mark.parametrize("lr_patience", [5, 0])

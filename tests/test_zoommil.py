@@ -10,7 +10,7 @@ from zoompipe.evaluate import predict_logits
 from zoompipe.model import DenseRows, ZoomMIL, ZoomMILConfig
 from zoompipe.model.abmil import ABMIL, ABMILConfig
 from zoompipe.model.attention import masked_softmax
-from zoompipe.model.teacher import start_from_teacher, teacher_attention
+from zoompipe.model.teacher import start_from_teacher, teacher_attention, teacher_evidence, teacher_target
 from zoompipe.model.topk import normalise_scores
 from zoompipe.train import balanced_sampler, train_one_epoch
 
@@ -333,6 +333,39 @@ def test_a_trained_teachers_attention_is_the_zoom_target_and_its_weights_start_t
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert "teacher" not in str(list(model.state_dict()))  # never saved with the model
+
+
+def test_the_teachers_evidence_marks_the_lesions_of_every_class_where_its_attention_does_not() -> None:
+    # A teacher that decides by what is missing: it attends to "normal lesion" patches (feature 0)
+    # and calls a slide without them malignant; malignant lesions (feature 1) get no more attention
+    # than the background (feature 2).
+    teacher = ABMIL(ABMILConfig(in_dim=3, n_classes=2, magnifications=[10.0], hidden=3, attn_hidden=1)).eval()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.zero_()
+        teacher.project[0].weight.copy_(torch.eye(3))
+        teacher.attention.tanh_branch[0].weight.copy_(torch.tensor([[4.0, 0.0, -1.0]]))
+        teacher.attention.gate_branch[0].bias.fill_(10.0)
+        teacher.attention.score.weight.fill_(3.0)
+        teacher.classifier.weight.copy_(torch.tensor([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0]]))  # normal, malignant
+    background = torch.tensor([0.0, 0.0, 1.0])
+    for lesion, lesion_class in ((torch.tensor([1.0, 0.0, 1.0]), 0), (torch.tensor([0.0, 1.0, 1.0]), 1)):
+        bag = torch.stack([background] * 30 + [lesion] * 2)
+        assert int(teacher([bag], []).logits.argmax()) == lesion_class
+        attention, evidence = teacher_attention(teacher)(bag), teacher_evidence(teacher)(bag)
+        assert float(evidence[30:].min()) > 10 * float(evidence[:30].max())  # the lesions, whichever the class
+        assert float(attention[30:].sum()) > 0.5 if lesion_class == 0 else float(attention[30:].sum()) < 0.1
+        # The KL divergence of each patch's posterior from the bag's mean patch's, written out.
+        z = bag @ torch.eye(3)
+        patch = torch.softmax(z @ teacher.classifier.weight.T, dim=1)
+        mean = torch.softmax(z.mean(0) @ teacher.classifier.weight.T, dim=0)
+        divergence = torch.tensor([sum(float(q[c] * torch.log(q[c] / mean[c])) for c in range(2)) for q in patch])
+        torch.testing.assert_close(evidence, divergence / divergence.sum())
+        assert not evidence.requires_grad
+        torch.testing.assert_close(teacher_target(teacher, "evidence")(bag), evidence)
+        torch.testing.assert_close(teacher_target(teacher, "attention")(bag), attention)
+    with pytest.raises(ValueError, match="attention, evidence"):
+        teacher_target(teacher, "gradients")
 
 
 def test_the_teachers_instance_loss_pseudo_labels_its_dense_last_bag() -> None:

@@ -44,6 +44,7 @@ from zoompipe.train_defaults import (
     DEFAULT_SELECTION,
     DEFAULT_SIGMA_END,
     DEFAULT_TEACHER_INSTANCE_WEIGHT,
+    DEFAULT_TEACHER_TARGET,
     DEFAULT_WARMUP,
     DEFAULT_ZOOM_TARGET_SUM,
     DEFAULT_ZOOM_TARGET_WEIGHT,
@@ -179,6 +180,7 @@ def train_model(
     progress: bool = True,
     sparse: SparseSettings | None = None,
     teacher: str | os.PathLike | None = None,
+    teacher_target: str = DEFAULT_TEACHER_TARGET,
     resume: bool = False,
 ) -> dict[str, Any]:
     """Train a model and keep the checkpoint with the best validation weighted F1.
@@ -271,6 +273,11 @@ def train_model(
         slide's dense last-magnification bag is the zoom heads' target, in place of the model's
         own last head's, and its weights start the last level and the classifier; there is no
         warm-up. Needs dense features.
+    teacher_target : str
+        What of ``teacher`` the zoom heads follow: ``"attention"``, or ``"evidence"``, each
+        patch's class evidence against the bag's mean patch, which marks the evidence of every
+        class also where the teacher's attention decides a class by what is missing
+        (:func:`zoompipe.model.teacher.teacher_evidence`).
     resume : bool
         Go on from the last finished epoch of a stopped run in ``out_dir`` (its state is kept
         after every epoch, :mod:`zoompipe.resume`), to the model an unstopped run would give;
@@ -364,7 +371,8 @@ def train_model(
                          **{name: value for name, value in hyper.items() if name in fields}).to(device)
     teacher_digest = None
     if teacher is not None:
-        teacher_digest = _follow_teacher(model, teacher, class_names, pipeline, sparse is not None, device)
+        teacher_digest = _follow_teacher(model, teacher, teacher_target, class_names, pipeline, sparse is not None,
+                                         device)
     # The warm-up waits for the model's own teacher to find the evidence; a trained one has.
     warmup_epochs = int(warmup * epochs) if getattr(model, "trains_zoom_target", False) and teacher is None else 0
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -378,7 +386,8 @@ def train_model(
                          "classes": class_names, "splits": splits, **hyper, "sigma_end": sigma_end,
                          "max_grad_norm": max_grad_norm, "warmup_epochs": warmup_epochs,
                          "epochs": epochs, "lr": lr, "lr_patience": lr_patience,
-                         "weight_decay": weight_decay, "seed": seed, "teacher": teacher_digest,
+                         "weight_decay": weight_decay, "seed": seed,
+                         "teacher": teacher and {"weights": teacher_digest, "target": teacher_target},
                          "sparse": None if sparse is None else {
                              name: value for name, value in dataclasses.asdict(sparse).items()
                              if name not in ("runtime", "batch_size", "workers", "lookahead", "cluster", "backend")}})
@@ -461,7 +470,7 @@ def train_model(
                      "split_seed": split_seed},
     }
     if teacher is not None:
-        summary["teacher"] = {"run": str(teacher), "weights_sha256": teacher_digest}
+        summary["teacher"] = {"run": str(teacher), "weights_sha256": teacher_digest, "target": teacher_target}
     if sparse is not None:
         summary["sparse"] = sparse_report(train_set, val_set, reused, per_epoch, cache_dir, sparse)
     write_text(out_dir / "train_summary.json", json.dumps(summary, indent=2) + "\n")
@@ -469,10 +478,10 @@ def train_model(
     return summary
 
 
-def _follow_teacher(model: torch.nn.Module, teacher: str | os.PathLike, class_names: list[str],
+def _follow_teacher(model: torch.nn.Module, teacher: str | os.PathLike, target: str, class_names: list[str],
                     pipeline: PipelineContract | None, sparse: bool, device: str) -> str:
     """Set ``model`` to learn where to zoom from a trained ABMIL run; the digest of its weights."""
-    from zoompipe.model.teacher import load_teacher, start_from_teacher, teacher_attention
+    from zoompipe.model.teacher import load_teacher, start_from_teacher, teacher_target
 
     if not getattr(model, "trains_zoom_target", False):
         raise UsageError("--teacher gives ZoomMIL's zoom heads their target; this model has no zoom target "
@@ -481,7 +490,7 @@ def _follow_teacher(model: torch.nn.Module, teacher: str | os.PathLike, class_na
         raise UsageError("--teacher reads every slide's dense last-magnification bag; --sparse embeds only part of it")
     trained = load_teacher(teacher, model, class_names, pipeline, device)
     start_from_teacher(model, trained)
-    model.teacher = teacher_attention(trained)
+    model.teacher = teacher_target(trained, target)
     return file_sha256(Path(teacher) / WEIGHTS_NAME)
 
 

@@ -52,3 +52,8 @@ DEFAULT_WARMUP = 0.5
 #: How ZoomMIL's training builds the bags above its zoom heads (``ZoomMILConfig.selection``).
 SELECTIONS = ("soft", "straight_through")
 DEFAULT_SELECTION = "soft"
+
+#: What ZoomMIL's zoom heads learn from a trained teacher (``train_model``'s ``teacher_target``,
+#: :func:`zoompipe.model.teacher.teacher_target`): its attention, or its patches' class evidence.
+TEACHER_TARGETS = ("attention", "evidence")
+DEFAULT_TEACHER_TARGET = "attention"
