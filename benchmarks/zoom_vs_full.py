@@ -75,10 +75,12 @@ from zoompipe.train_defaults import (
     DEFAULT_LR_PATIENCE,
     DEFAULT_SELECTION,
     DEFAULT_TEACHER_INSTANCE_WEIGHT,
+    DEFAULT_TEACHER_TARGET,
     DEFAULT_WARMUP,
     DEFAULT_ZOOM_TARGET_SUM,
     DEFAULT_ZOOM_TARGET_WEIGHT,
     SELECTIONS,
+    TEACHER_TARGETS,
 )
 
 CASCADE = [1.25, 2.5, 10.0]
@@ -224,8 +226,9 @@ def same_run(summary: dict[str, Any], run_splits: Path, fold_csv: Path, settings
     # every run from before lr_patience, with a patience of 5.
     older = ({"level_dropout": 0.0, "selection": "soft", "zoom_target_sum": True, "teacher_instance_weight": 0.0,
               "warmup": 0.0} if summary["architecture"] == "zoommil" else {}) | {"lr_patience": 5}
-    recorded = {**older, **summary["model"], **summary["training"],
-                "teacher": summary.get("teacher", {}).get("run")}
+    teacher = summary.get("teacher", {})
+    recorded = {**older, **summary["model"], **summary["training"], "teacher": teacher.get("run"),
+                "teacher_target": teacher.get("target", "attention") if teacher else None}
     return (run_splits.read_text() == fold_csv.read_text()
             and all(recorded[name] == value for name, value in settings.items() if name in recorded))
 
@@ -455,6 +458,9 @@ def main() -> None:
                         help="ZoomMIL 1.25x->2.5x->10x learns where to zoom from the fold's ABMIL 10x run of its width "
                              "(--hidden), the one of that width chosen on validation (zoompipe train --teacher); "
                              "trains those ABMIL runs first when missing")
+    parser.add_argument("--teacher-target", choices=TEACHER_TARGETS, default=DEFAULT_TEACHER_TARGET,
+                        help="with --abmil-teacher: what the zoom heads follow, the teacher's attention or its "
+                             "patches' class evidence (zoompipe train --teacher-target)")
     parser.add_argument("--jobs", type=int, default=2, help="processes writing the cohort")
     parser.add_argument("--workers", type=int, default=2, help="patch reader threads")
     parser.add_argument("--precision", default="auto", help="encoder precision, for preprocess and predict alike")
@@ -505,7 +511,7 @@ def main() -> None:
                     parser.error(f"--abmil-teacher: ABMIL 10x searches no run of width {args.hidden} (--hiddens)")
                 teacher, _ = train_fold(ABMIL_10, fold_csv, features, labels_csv,
                                         out / "runs" / ABMIL_10.slug / f"fold{fold}", same_width, fixed)
-                settings = {**fixed, "teacher": str(teacher)}
+                settings = {**fixed, "teacher": str(teacher), "teacher_target": args.teacher_target}
             run, search = train_fold(method, fold_csv, features, labels_csv,
                                      out / "runs" / method.slug / f"fold{fold}", grid, settings)
             chosen = next(s["config"] for s in search if s["run"] == str(run))
@@ -554,7 +560,8 @@ def main() -> None:
         "level_dropout": args.level_dropout, "zoom_target_weight": args.zoom_target_weight,
         "selection": args.selection, "zoom_target_sum": args.zoom_target_sum,
         "teacher_instance_weight": args.teacher_instance_weight, "warmup": args.warmup,
-        "abmil_teacher": args.abmil_teacher, "encoder": PreprocessConfig().encoder,
+        "abmil_teacher": args.abmil_teacher, "teacher_target": args.teacher_target if args.abmil_teacher else None,
+        "encoder": PreprocessConfig().encoder,
         "precision": args.precision, "encoder_gflops_per_patch": gflops,
         "timings": timings, "ratios": ratios, "methods": results,
     }
