@@ -46,7 +46,7 @@ def slide_localisation(model: torch.nn.Module, class_names: list[str], features:
     _, _, share = localise(boxes, np.full(len(rows), 1 / len(rows)), regions, slide_mpp)
     return {"slide_id": slide_id, "predicted": class_names[int(out.logits.argmax())],
             "lesions_reached": hit, "lesions": n_lesions, "attention_in_lesions": mass,
-            "patches_in_lesions": share, "patches_read": len(rows)}
+            "patches_in_lesions": share, "patches_read": int(sum(len(r) for r in out.rows))}
 
 
 def main() -> None:
@@ -67,11 +67,19 @@ def main() -> None:
             entry = slide_localisation(model, config.class_names, args.bench / "pre" / "features", args.bench / "cohort" / "regions",
                                        slide_id)
             slides.append({"run": str(run), "label": labels[slide_id], **entry})
+    print(f"{len(args.runs)} runs, {args.split} slides\n")
+    print("| run | slides right | lesions reached | attention inside lesions | patches read / slide |")
+    print("|---|---|---|---|---|")
+    for run in args.runs:
+        group = [e for e in slides if e["run"] == str(run)]
+        print(f"| {run} | {sum(e['predicted'] == e['label'] for e in group)} / {len(group)} "
+              f"| {100 * sum(e['lesions_reached'] for e in group) / max(sum(e['lesions'] for e in group), 1):.0f}% "
+              f"| {100 * np.mean([e['attention_in_lesions'] for e in group]):.0f}% "
+              f"| {np.mean([e['patches_read'] for e in group]):.0f} |")
     by_class: dict[str, list[dict]] = defaultdict(list)
     for entry in slides:
         by_class[entry["label"]].append(entry)
-    print(f"{len(args.runs)} runs, {args.split} slides\n")
-    print("| class | slides | right | lesions reached | attention inside lesions | patches read inside lesions |")
+    print("\n| class | slides | right | lesions reached | attention inside lesions | last-magnification patches read inside lesions |")
     print("|---|---|---|---|---|---|")
     for name in sorted(by_class):
         group = by_class[name]

@@ -461,6 +461,9 @@ def main() -> None:
     parser.add_argument("--teacher-target", choices=TEACHER_TARGETS, default=DEFAULT_TEACHER_TARGET,
                         help="with --abmil-teacher: what the zoom heads follow, the teacher's attention or its "
                              "patches' class evidence (zoompipe train --teacher-target)")
+    parser.add_argument("--attention-target-weight", type=float, default=0.0,
+                        help="with --abmil-teacher: pull of ZoomMIL's last attention towards the teacher's target "
+                             "(zoompipe train --attention-target-weight)")
     parser.add_argument("--jobs", type=int, default=2, help="processes writing the cohort")
     parser.add_argument("--workers", type=int, default=2, help="patch reader threads")
     parser.add_argument("--precision", default="auto", help="encoder precision, for preprocess and predict alike")
@@ -511,7 +514,8 @@ def main() -> None:
                     parser.error(f"--abmil-teacher: ABMIL 10x searches no run of width {args.hidden} (--hiddens)")
                 teacher, _ = train_fold(ABMIL_10, fold_csv, features, labels_csv,
                                         out / "runs" / ABMIL_10.slug / f"fold{fold}", same_width, fixed)
-                settings = {**fixed, "teacher": str(teacher), "teacher_target": args.teacher_target}
+                settings = {**fixed, "teacher": str(teacher), "teacher_target": args.teacher_target,
+                            "attention_target_weight": args.attention_target_weight}
             run, search = train_fold(method, fold_csv, features, labels_csv,
                                      out / "runs" / method.slug / f"fold{fold}", grid, settings)
             chosen = next(s["config"] for s in search if s["run"] == str(run))
@@ -561,6 +565,7 @@ def main() -> None:
         "selection": args.selection, "zoom_target_sum": args.zoom_target_sum,
         "teacher_instance_weight": args.teacher_instance_weight, "warmup": args.warmup,
         "abmil_teacher": args.abmil_teacher, "teacher_target": args.teacher_target if args.abmil_teacher else None,
+        "attention_target_weight": args.attention_target_weight if args.abmil_teacher else None,
         "encoder": PreprocessConfig().encoder,
         "precision": args.precision, "encoder_gflops_per_patch": gflops,
         "timings": timings, "ratios": ratios, "methods": results,

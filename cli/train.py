@@ -81,6 +81,10 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
               help="With --teacher: what the zoom heads follow. attention: the teacher's attention; evidence: each "
                    "patch's class evidence against the bag's mean patch, which marks the evidence of every class even "
                    "where the teacher's attention decides a class by what is missing.")
+@click.option("--attention-target-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="With --teacher: weight of a pull of the last magnification's attention towards the teacher's "
+                   "target, so that the attention heatmaps show sits on the evidence of every class; 0: the slide "
+                   "label alone trains it.")
 @click.option("--max-grad-norm", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MAX_GRAD_NORM,
               help="Clip each step's gradient norm to this value.")
 @click.option("--warmup", type=click.FloatRange(min=0, max=1, max_open=True), default=DEFAULT_WARMUP,
@@ -135,7 +139,7 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
                    "model an unstopped run gives; its state is kept in OUT/resume/ after every epoch.")
 def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, architecture, magnifications, k, hidden,
                   attn_hidden, sigma, sigma_end, zoom_target_weight, level_dropout, zoom_target_sum, selection,
-                  teacher_instance_weight, teacher, teacher_target, max_grad_norm, warmup, epochs, lr, lr_patience, weight_decay, seed,
+                  teacher_instance_weight, teacher, teacher_target, attention_target_weight, max_grad_norm, warmup, epochs, lr, lr_patience, weight_decay, seed,
                   split_seed, device, patience, cache, sparse, slides, cache_dir, encoder_weights, precision, runtime,
                   batch_size, workers, lookahead, explore_budget, cluster, backend, mask_dir, resume) -> None:
     """Train a model; keep the epoch with the best validation weighted F1.
@@ -160,7 +164,7 @@ def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, architect
                           zoom_target_weight=zoom_target_weight, level_dropout=level_dropout,
                           zoom_target_sum=zoom_target_sum, selection=selection,
                           teacher_instance_weight=teacher_instance_weight, teacher=teacher,
-                          teacher_target=teacher_target,
+                          teacher_target=teacher_target, attention_target_weight=attention_target_weight,
                           max_grad_norm=max_grad_norm, warmup=warmup,
                           epochs=epochs, lr=lr, lr_patience=lr_patience, weight_decay=weight_decay, seed=seed,
                           split_seed=split_seed, device=device, patience=patience,

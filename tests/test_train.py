@@ -329,7 +329,7 @@ def test_zoommil_follows_a_trained_abmil_run_or_refuses_it_in_one_line(features,
     summary = train_model(features_dir, labels, tmp_path / "taught", k=2, epochs=2, lr=0.0, teacher=abmil, **widths)
     assert summary["training"]["warmup"] == 0.5 and summary["training"]["warmup_epochs"] == 0
     assert summary["teacher"] == {"run": str(abmil), "weights_sha256": "sha256:" + hashlib.sha256(
-        (abmil / "model.safetensors").read_bytes()).hexdigest(), "target": "attention"}
+        (abmil / "model.safetensors").read_bytes()).hexdigest(), "target": "evidence"}
     taught, teacher = load_run(tmp_path / "taught").model, load_run(abmil).model
     for ours, theirs in ((taught.levels[-1].project, teacher.project), (taught.levels[-1].attention, teacher.attention),
                          (taught.classifier, teacher.classifier)):
@@ -352,7 +352,8 @@ def test_zoommil_follows_a_trained_abmil_run_or_refuses_it_in_one_line(features,
             ("another width", other_width, {}, "hidden 16"),
             ("another magnification", at_25, {}, r"magnifications \[10.0\]"),
             ("no zoom target", abmil, {"zoom_target_weight": 0.0}, "no zoom target"),
-            ("a baseline", abmil, {"architecture": "abmil"}, "no zoom target")):
+            ("a baseline", abmil, {"architecture": "abmil"}, "no zoom target"),
+            ("an attention target without a teacher", None, {"attention_target_weight": 0.5}, "give --teacher")):
         with pytest.raises(UsageError, match=message) as info:
             train_model(features_dir, labels, tmp_path / case, k=2, epochs=1, teacher=teacher_run,
                         **{**widths, **settings})
@@ -362,10 +363,10 @@ def test_zoommil_follows_a_trained_abmil_run_or_refuses_it_in_one_line(features,
                                       str(tmp_path / "cli"), "--teacher", str(zoommil)])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
     result = CliRunner().invoke(cli, ["train", "--features", str(features_dir), "--labels", str(labels), "--out",
-                                      str(tmp_path / "evidence"), "--teacher", str(abmil), "--teacher-target",
-                                      "evidence", "--k", "2", "--hidden", "16", "--attn-hidden", "8", "--epochs", "1"])
+                                      str(tmp_path / "attention"), "--teacher", str(abmil), "--teacher-target",
+                                      "attention", "--k", "2", "--hidden", "16", "--attn-hidden", "8", "--epochs", "1"])
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "evidence" / "train_summary.json").read_text())["teacher"]["target"] == "evidence"
+    assert json.loads((tmp_path / "attention" / "train_summary.json").read_text())["teacher"]["target"] == "attention"
 
 
 @pytest.mark.parametrize("lr_patience", [5, 0])

@@ -368,6 +368,26 @@ def test_the_teachers_evidence_marks_the_lesions_of_every_class_where_its_attent
         teacher_target(teacher, "gradients")
 
 
+def test_the_last_attention_can_be_pulled_towards_the_teachers_target() -> None:
+    bags, children, label = make_slides(1, seed=6)[0]
+    torch.manual_seed(1)
+    teacher = ABMIL(ABMILConfig(in_dim=DIM, n_classes=2, magnifications=[10.0], hidden=64, attn_hidden=32)).eval()
+    losses = []
+    for weight in (0.0, 0.5):
+        model = _model(dropout=0.0, attention_target_weight=weight).train()
+        model.teacher = teacher_evidence(teacher)
+        losses.append(model.zoom_target_loss(bags, children, label))
+    last = model.levels[2]
+    attention = masked_softmax(last.attention(last.project(bags[2])))
+    target = teacher_evidence(teacher)(bags[2])
+    divergence = (torch.special.xlogy(target, target) - target * attention.log()).sum()
+    torch.testing.assert_close(losses[1] - losses[0], 0.5 * divergence)
+    (losses[1] - losses[0]).backward()
+    assert last.attention.score.weight.grad.abs().sum() > 0 and last.zoom is None
+    with pytest.raises(ValueError, match="attention_target_weight"):
+        _model(attention_target_weight=-1.0)
+
+
 def test_the_teachers_instance_loss_pseudo_labels_its_dense_last_bag() -> None:
     bags, children, label = make_slides(1, seed=6)[0]
     plain = _model(dropout=0.0).train()

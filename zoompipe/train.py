@@ -181,6 +181,7 @@ def train_model(
     sparse: SparseSettings | None = None,
     teacher: str | os.PathLike | None = None,
     teacher_target: str = DEFAULT_TEACHER_TARGET,
+    attention_target_weight: float = 0.0,
     resume: bool = False,
 ) -> dict[str, Any]:
     """Train a model and keep the checkpoint with the best validation weighted F1.
@@ -278,6 +279,10 @@ def train_model(
         patch's class evidence against the bag's mean patch, which marks the evidence of every
         class also where the teacher's attention decides a class by what is missing
         (:func:`zoompipe.model.teacher.teacher_evidence`).
+    attention_target_weight : float
+        ZoomMIL with ``teacher``: weight of the pull of the last magnification's attention
+        towards the teacher's target (``ZoomMILConfig.attention_target_weight``), so that the
+        attention heatmaps show sits on the evidence of every class; 0 leaves it to the label.
     resume : bool
         Go on from the last finished epoch of a stopped run in ``out_dir`` (its state is kept
         after every epoch, :mod:`zoompipe.resume`), to the model an unstopped run would give;
@@ -299,6 +304,9 @@ def train_model(
         raise UsageError(f"need at least one epoch, got {epochs}")
     if not 0 <= warmup < 1:
         raise UsageError(f"the warm-up is a fraction of the epochs in [0, 1), got {warmup}")
+    if attention_target_weight > 0 and teacher is None:
+        raise UsageError("--attention-target-weight pulls the last magnification's attention towards a trained "
+                         "teacher's target; give --teacher")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("CUDA is not available here; use --device cpu")
     try:
@@ -365,7 +373,7 @@ def train_model(
     hyper = {"k": k, "hidden": hidden, "attn_hidden": attn_hidden, "sigma": sigma,
              "zoom_target_weight": zoom_target_weight, "level_dropout": level_dropout,
              "zoom_target_sum": zoom_target_sum, "selection": selection,
-             "teacher_instance_weight": teacher_instance_weight}
+             "teacher_instance_weight": teacher_instance_weight, "attention_target_weight": attention_target_weight}
     fields = config_fields(architecture)
     model = create_model(architecture, in_dim=in_dim, n_classes=len(class_names), magnifications=mags,
                          **{name: value for name, value in hyper.items() if name in fields}).to(device)

@@ -55,5 +55,8 @@ DEFAULT_SELECTION = "soft"
 
 #: What ZoomMIL's zoom heads learn from a trained teacher (``train_model``'s ``teacher_target``,
 #: :func:`zoompipe.model.teacher.teacher_target`): its attention, or its patches' class evidence.
+#: On the 40-slide benchmark (5 folds x seeds 0-2, each taught by the ABMIL 10x run of its fold
+#: and seed; K = N/8, lr 2e-4, 60 epochs) the mean best validation weighted F1 was 0.967 with the
+#: attention and 0.974 with the evidence (README, "Where the attention looks").
 TEACHER_TARGETS = ("attention", "evidence")
-DEFAULT_TEACHER_TARGET = "attention"
+DEFAULT_TEACHER_TARGET = "evidence"

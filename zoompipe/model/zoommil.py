@@ -160,6 +160,12 @@ class ZoomMILConfig:
         classifiers (``train_model`` passes ``train_defaults.DEFAULT_TEACHER_INSTANCE_WEIGHT``).
     k_sample : int
         Patches pseudo-labelled at each end of the teacher's attention ranking (CLAM's 8).
+    attention_target_weight : float
+        Weight of a KL term that pulls the last magnification's attention over the dense bag
+        towards a trained teacher's target (:attr:`ZoomMIL.teacher`), so that the attention that
+        pools the zoomed bag, and that heatmaps show, sits where the zoom heads were sent.
+        Training only; 0, the default and that of runs recorded before this field, leaves it to
+        the slide label.
     """
 
     in_dim: int
@@ -177,6 +183,7 @@ class ZoomMILConfig:
     selection: str = DEFAULT_SELECTION
     teacher_instance_weight: float = 0.0
     k_sample: int = 8
+    attention_target_weight: float = 0.0
 
     def __post_init__(self) -> None:
         self.magnifications = [float(m) for m in self.magnifications]
@@ -197,6 +204,8 @@ class ZoomMILConfig:
         if self.teacher_instance_weight < 0 or self.k_sample < 1:
             raise ValueError(f"need teacher_instance_weight >= 0 and k_sample >= 1, got "
                              f"{self.teacher_instance_weight} and {self.k_sample}")
+        if self.attention_target_weight < 0:
+            raise ValueError(f"attention_target_weight must be >= 0, got {self.attention_target_weight}")
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
 
@@ -472,8 +481,9 @@ class ZoomMIL(nn.Module):
         divergence, the target detached). The zoom heads so learn to rank first the patches
         under which the evidence lies, which the perturbed top-K's Monte-Carlo gradient alone
         finds only by chance when the evidence occupies a few patches. With :attr:`teacher`
-        set, the target is that trained model's attention instead of the last head's; the
-        cross-entropy still trains the last head on the dense bag.
+        set, the target is that trained model's mass (its attention or its evidence) instead of
+        the last head's; the cross-entropy still trains the last head on the dense bag, and with
+        ``attention_target_weight`` > 0 its attention is pulled towards that mass too.
 
         Parameters
         ----------
@@ -514,6 +524,9 @@ class ZoomMIL(nn.Module):
                 loss = loss + self.config.teacher_instance_weight * instance_loss(
                     self.instance_classifiers, z, teacher_scores, int(label), self.config.k_sample)
         mass = (attention if self.teacher is None else self.teacher(bags[-1])).detach()
+        if self.teacher is not None and self.config.attention_target_weight > 0:
+            loss = loss + self.config.attention_target_weight * F.kl_div(
+                torch.log_softmax(teacher_scores, dim=0), mass, reduction="sum")
         for step in reversed(range(len(self.levels) - 1)):
             index = children[step]
             valid = index >= 0
