@@ -64,8 +64,8 @@ def main() -> None:
         model, config = load_run(run)
         splits = read_splits(run / "splits.csv")
         for slide_id in sorted(s for s in labels if splits.get(s) == args.split):
-            entry = slide_localisation(model, config.class_names, args.bench / "pre" / "features", args.bench / "cohort" / "regions",
-                                       slide_id)
+            entry = slide_localisation(model, config.class_names, args.bench / "pre" / "features",
+                                       args.bench / "cohort" / "regions", slide_id)
             slides.append({"run": str(run), "label": labels[slide_id], **entry})
     print(f"{len(args.runs)} runs, {args.split} slides\n")
     print("| run | slides right | lesions reached | attention inside lesions | patches read / slide |")
@@ -79,7 +79,8 @@ def main() -> None:
     by_class: dict[str, list[dict]] = defaultdict(list)
     for entry in slides:
         by_class[entry["label"]].append(entry)
-    print("\n| class | slides | right | lesions reached | attention inside lesions | last-magnification patches read inside lesions |")
+    print("\n| class | slides | right | lesions reached | attention inside lesions "
+          "| last-magnification patches read inside lesions |")
     print("|---|---|---|---|---|---|")
     for name in sorted(by_class):
         group = by_class[name]

@@ -395,7 +395,7 @@ def train_model(
                          "max_grad_norm": max_grad_norm, "warmup_epochs": warmup_epochs,
                          "epochs": epochs, "lr": lr, "lr_patience": lr_patience,
                          "weight_decay": weight_decay, "seed": seed,
-                         "teacher": teacher and {"weights": teacher_digest, "target": teacher_target},
+                         "teacher": None if teacher is None else {"weights": teacher_digest, "target": teacher_target},
                          "sparse": None if sparse is None else {
                              name: value for name, value in dataclasses.asdict(sparse).items()
                              if name not in ("runtime", "batch_size", "workers", "lookahead", "cluster", "backend")}})

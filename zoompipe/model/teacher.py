@@ -75,7 +75,7 @@ def teacher_evidence(teacher: ABMIL) -> TeacherAttention:
 
     Attention MIL trained on slide labels may decide a class by what is missing: on the zoom
     benchmark's cohort, ABMIL 10x put 96% of its attention inside the lesions of normal slides,
-    46% in atypical ones and 1% in malignant ones (where lesions hold 1.6% of the patches), so
+    60% in atypical ones and 2% in malignant ones (where lesions hold 1.6% of the patches), so
     zoom heads that follow its attention learn to find the lesions of some classes only
     (``benchmarks/lesion_attention.py``). Each patch's mass here is instead the KL divergence
     of the teacher's class posterior for that patch alone (its classifier on the projected
