@@ -1,4 +1,8 @@
-"""The CPU runtime: OpenVINO features equal torch fp32, graphs are cached once and exported safely."""
+"""The CPU runtime: OpenVINO features equal torch fp32, graphs are cached once and exported safely.
+
+OpenVINO runs fp32 (and int8), and precision "auto" is bf16 on a CPU with native bf16, so the
+tests ask for fp32 wherever they mean it: they must pass on any CPU.
+"""
 
 import os
 import subprocess
@@ -46,7 +50,7 @@ def weights_files(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "timm:resnet18", "timm:vit_tiny_patch16_224"])
 def test_openvino_features_equal_torch_fp32(name, tissue_patches, weights_files):
     weights = weights_files.get(name.removeprefix("timm:"))
-    fast = create_encoder(name, weights=weights, runtime="openvino")
+    fast = create_encoder(name, weights=weights, runtime="openvino", precision="fp32")
     reference = create_encoder(name, weights=weights, runtime="torch", precision="fp32")
     assert (fast.runtime, fast.precision, reference.runtime) == ("openvino", "fp32", "torch")
     ours, theirs = fast.embed(tissue_patches), reference.embed(tissue_patches)
@@ -59,25 +63,27 @@ def test_openvino_features_equal_torch_fp32(name, tissue_patches, weights_files)
 
 def test_graph_is_exported_once_per_weights(tmp_path, monkeypatch, weights_files, tissue_patches):
     monkeypatch.setenv("ZOOMPIPE_CACHE_DIR", str(tmp_path))
-    first = create_encoder("timm:resnet18", weights=weights_files["resnet18"], runtime="openvino")
+    first = create_encoder("timm:resnet18", weights=weights_files["resnet18"], runtime="openvino", precision="fp32")
     graphs = list(tmp_path.rglob("*.onnx"))
     assert first.exported and len(graphs) == 1
     stamp = graphs[0].stat().st_mtime_ns, graphs[0].stat().st_ino
-    second = create_encoder("timm:resnet18", weights=weights_files["resnet18"], runtime="openvino")
+    second = create_encoder("timm:resnet18", weights=weights_files["resnet18"], runtime="openvino",
+                            precision="fp32")
     assert not second.exported and second.runtime == "openvino"
     assert (graphs[0].stat().st_mtime_ns, graphs[0].stat().st_ino) == stamp
     np.testing.assert_array_equal(first.embed(tissue_patches[:2]), second.embed(tissue_patches[:2]))
     # Other weights, same architecture: a graph of their own.
     other = timm.create_model("resnet18", pretrained=False).state_dict()
     save_file(other, tmp_path / "other.safetensors")
-    assert create_encoder("timm:resnet18", weights=tmp_path / "other.safetensors", runtime="openvino").exported
+    assert create_encoder("timm:resnet18", weights=tmp_path / "other.safetensors", runtime="openvino",
+                          precision="fp32").exported
     assert len(list(tmp_path.rglob("*.onnx"))) == 2
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
 
 
 def test_the_compiled_model_is_kept_for_the_next_process(tmp_path, monkeypatch):
     monkeypatch.setenv("ZOOMPIPE_CACHE_DIR", str(tmp_path))
-    first = create_encoder(runtime="openvino")  # exports and checks: nothing compiled is kept yet
+    first = create_encoder(runtime="openvino", precision="fp32")  # exports and checks: nothing compiled is kept yet
     assert first.exported and not list(tmp_path.rglob("*.blob"))
     graph = first.graph.graph
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
@@ -98,7 +104,8 @@ def test_the_compiled_model_is_kept_for_the_next_process(tmp_path, monkeypatch):
 
 def test_a_cached_graph_loads_without_building_the_model(tmp_path):
     # The default weights ship as a file: its digest finds the graph, and timm is never imported.
-    probe = ("import sys; from zoompipe.encoders import create_encoder; e = create_encoder(runtime='openvino'); "
+    probe = ("import sys; from zoompipe.encoders import create_encoder; "
+             "e = create_encoder(runtime='openvino', precision='fp32'); "
              "print(e.runtime, e.exported, e.model is None, 'timm' in sys.modules)")
     env = dict(os.environ, ZOOMPIPE_CACHE_DIR=str(tmp_path))
     runs = [subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
@@ -109,7 +116,7 @@ def test_a_cached_graph_loads_without_building_the_model(tmp_path):
 
 def test_auto_takes_the_runtime_measured_faster_on_this_machine(tmp_path, monkeypatch):
     monkeypatch.setenv("ZOOMPIPE_CACHE_DIR", str(tmp_path))
-    first = create_encoder()  # exports the graph, times both runtimes, records the faster
+    first = create_encoder(precision="fp32")  # exports the graph, times both runtimes, records the faster
     records = list(tmp_path.rglob("*.runtime"))
     assert first.exported and len(records) == 1
     assert records[0].read_text().strip() == first.runtime in ("torch", "openvino")
@@ -118,7 +125,7 @@ def test_auto_takes_the_runtime_measured_faster_on_this_machine(tmp_path, monkey
     # to be the faster loads without building the model.
     for choice in ("torch", "openvino", "torch"):
         records[0].write_text(choice + "\n")
-        again = create_encoder()
+        again = create_encoder(precision="fp32")
         assert (again.runtime, again.model is None, again.exported) == (choice, choice == "openvino", False)
         assert (again.graph is None) == (choice == "torch")
         assert records[0].read_text().strip() == choice
@@ -162,9 +169,9 @@ def test_concurrent_exports_leave_one_complete_graph(tmp_path, monkeypatch, tiss
     assert [p.suffix for p in files if p.is_file()] == [".onnx"]
     # The graph that won is complete: a fresh encoder reads it instead of exporting.
     monkeypatch.setenv("ZOOMPIPE_CACHE_DIR", str(tmp_path / "cache"))
-    cached = create_encoder("efficientnet_lite0")
+    cached = create_encoder("efficientnet_lite0", precision="fp32")
     assert not cached.exported
-    reference = create_encoder("efficientnet_lite0", runtime="torch")
+    reference = create_encoder("efficientnet_lite0", runtime="torch", precision="fp32")
     assert np.abs(cached.embed(tissue_patches[:4]) - reference.embed(tissue_patches[:4])).max() <= TOLERANCE
 
 
@@ -182,13 +189,13 @@ def _svd_encoder(weights, variant):
 
 def test_an_encoder_that_does_not_export_runs_on_torch(tissue_patches):
     with pytest.warns(UserWarning, match="does not export to ONNX.*runs on torch"):
-        encoder = create_encoder("test_svd")
+        encoder = create_encoder("test_svd", precision="fp32")
     assert encoder.runtime == "torch"
     assert encoder.embed(tissue_patches[:2]).shape == (2, 3)
     with pytest.raises(ZoompipeError, match="does not export") as info:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            create_encoder("test_svd", runtime="openvino")
+            create_encoder("test_svd", runtime="openvino", precision="fp32")
     assert "\n" not in str(info.value)
 
 
