@@ -74,9 +74,10 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
                    "attended 10x patches pseudo-labelled); 0 turns it off.")
 @click.option("--teacher", "teacher", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="ZoomMIL: a trained ABMIL run on the last magnification (zoompipe train --architecture abmil "
-                   "--magnifications 10, same --hidden, --attn-hidden, classes and features): the zoom heads follow its "
-                   "attention over each slide's dense last-magnification bag, and its weights start the last level and "
-                   "the classifier; no warm-up. Dense features only. [default: the model's own last head teaches]")
+                   "--magnifications 10, same --hidden, --attn-hidden, classes and features): the zoom heads follow "
+                   "its target over each slide's dense last-magnification bag (--teacher-target), and its weights "
+                   "start the last level and the classifier; no warm-up. Dense features only. [default: the model's "
+                   "own last head teaches]")
 @click.option("--teacher-target", type=click.Choice(TEACHER_TARGETS), default=DEFAULT_TEACHER_TARGET, show_default=True,
               help="With --teacher: what the zoom heads follow. attention: the teacher's attention; evidence: each "
                    "patch's class evidence against the bag's mean patch, which marks the evidence of every class even "

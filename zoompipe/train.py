@@ -270,10 +270,10 @@ def train_model(
         go to ``log.csv`` (column ``embedded``) and ``train_summary.json`` (``sparse``).
     teacher : path, optional
         ZoomMIL: a run of ABMIL trained on the cascade's last magnification, with the same
-        widths, classes and features (:mod:`zoompipe.model.teacher`). Its attention over each
-        slide's dense last-magnification bag is the zoom heads' target, in place of the model's
-        own last head's, and its weights start the last level and the classifier; there is no
-        warm-up. Needs dense features.
+        widths, classes and features (:mod:`zoompipe.model.teacher`). Its mass over each slide's
+        dense last-magnification bag (``teacher_target``) is the zoom heads' target, in place of
+        the model's own last head's, and its weights start the last level and the classifier;
+        there is no warm-up. Needs dense features.
     teacher_target : str
         What of ``teacher`` the zoom heads follow: ``"attention"``, or ``"evidence"``, each
         patch's class evidence against the bag's mean patch, which marks the evidence of every

@@ -21,8 +21,9 @@ from zoompipe.model.checkpoint import load_run
 from zoompipe.model.zoommil import ZoomMIL
 from zoompipe.train_defaults import TEACHER_TARGETS
 
-#: Attention (N,), summing to one, over a slide's dense last-magnification bag (N, D).
-TeacherAttention = Callable[[Tensor], Tensor]
+#: A mass (N,), summing to one, over a slide's dense last-magnification bag (N, D): what the
+#: zoom heads follow (the teacher's attention, or its evidence).
+TeacherMass = Callable[[Tensor], Tensor]
 
 
 def load_teacher(
@@ -60,7 +61,7 @@ def load_teacher(
     return teacher
 
 
-def teacher_attention(teacher: ABMIL) -> TeacherAttention:
+def teacher_attention(teacher: ABMIL) -> TeacherMass:
     """The frozen teacher's attention over a dense bag, without gradient."""
 
     @torch.no_grad()
@@ -70,7 +71,7 @@ def teacher_attention(teacher: ABMIL) -> TeacherAttention:
     return attention
 
 
-def teacher_evidence(teacher: ABMIL) -> TeacherAttention:
+def teacher_evidence(teacher: ABMIL) -> TeacherMass:
     """Where the frozen teacher's evidence lies on a dense bag, whatever the slide's class.
 
     Attention MIL trained on slide labels may decide a class by what is missing: on the zoom
@@ -94,7 +95,7 @@ def teacher_evidence(teacher: ABMIL) -> TeacherAttention:
     return evidence
 
 
-def teacher_target(teacher: ABMIL, target: str) -> TeacherAttention:
+def teacher_target(teacher: ABMIL, target: str) -> TeacherMass:
     """The frozen teacher's mass over a dense bag that the zoom heads follow: ``"attention"``
     (:func:`teacher_attention`) or ``"evidence"`` (:func:`teacher_evidence`)."""
     if target not in TEACHER_TARGETS:
