@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# zoompipe end to end on a synthetic cohort small enough for a laptop (about 4 minutes on 2 cores):
-# synth -> preprocess -> train -> evaluate -> predict -> heatmap.
+# zoompipe end to end on a synthetic cohort small enough for a laptop (about 5 minutes on 2 cores):
+# synth -> preprocess -> train the teacher -> train ZoomMIL -> evaluate -> predict -> heatmap.
 #
 #   bash examples/walkthrough.sh [OUT]        (default OUT=walkthrough; uses .venv/bin/zoompipe if present)
 set -euo pipefail
@@ -14,19 +14,26 @@ $ZP synth "$OUT/cohort" --n 18 --width 20480 --height 16384 --jobs 2
 #    Look at $OUT/pre/masks/*.png: tissue outlines and the 1.25x grid.
 $ZP preprocess "$OUT/cohort/slides" --out "$OUT/pre"
 
-# 3. ZoomMIL, zooming into K = N/8 of each slide's base patches per step (the default).
+# 3. The teacher: ABMIL on the dense 10x bags. Its per-patch class evidence tells the zoom heads
+#    where the diagnosis is, for every class (README, "Where the attention looks").
 $ZP train --features "$OUT/pre/features" --labels "$OUT/cohort/labels.csv" \
-    --splits "$OUT/cohort/splits.csv" --out "$OUT/run" --epochs 40
+    --splits "$OUT/cohort/splits.csv" --out "$OUT/teacher" --epochs 40 \
+    --architecture abmil --magnifications 10
 
-# 4. Test-split metrics on the dense features: accuracy, weighted F1, AUC, confusion matrix.
+# 4. ZoomMIL, zooming into K = N/8 of each slide's base patches per step (the default), its zoom
+#    heads following the teacher's evidence.
+$ZP train --features "$OUT/pre/features" --labels "$OUT/cohort/labels.csv" \
+    --splits "$OUT/cohort/splits.csv" --out "$OUT/run" --epochs 40 --teacher "$OUT/teacher"
+
+# 5. Test-split metrics on the dense features: accuracy, weighted F1, AUC, confusion matrix.
 $ZP evaluate --model "$OUT/run" --features "$OUT/pre/features" --labels "$OUT/cohort/labels.csv" \
     --split test --out "$OUT/eval"
 
-# 5. From the raw test slides, reading 2.5x and 10x only where the model zooms.
+# 6. From the raw test slides, reading 2.5x and 10x only where the model zooms.
 TEST=$(awk -F, '$2 == "test" {print $1}' "$OUT/cohort/splits.csv" | sed "s|^|$OUT/cohort/slides/|; s|$|.svs|")
 $ZP predict $TEST --model "$OUT/run" --out "$OUT/predictions" --heatmap --geojson --profile
 
-# 6. Heatmaps can be redrawn from a saved prediction.
+# 7. Heatmaps can be redrawn from a saved prediction.
 FIRST=$(basename "$(echo "$TEST" | head -n 1)" .svs)
 $ZP heatmap "$OUT/predictions/$FIRST.json" "$OUT/cohort/slides/$FIRST.svs" --out "$OUT/heatmaps"
 echo "done: see $OUT/eval/metrics.json and $OUT/predictions/*_panel.png"
