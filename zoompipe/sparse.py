@@ -191,6 +191,39 @@ def coverage_order(features: np.ndarray, weights: np.ndarray | None = None, n: i
     return order
 
 
+def explore_cover(base_features: np.ndarray, children: np.ndarray, budget: float, k: int,
+                  weights: np.ndarray | None = None) -> np.ndarray:
+    """The base patches that an exploration budget lets training zoom into.
+
+    The first ``max(ceil(budget * N), k)`` base patches that have children, in the order of
+    their cover (:func:`coverage_order`): fixed from the base features alone, before any step.
+
+    Parameters
+    ----------
+    base_features : numpy.ndarray
+        (N, D) features of one slide's base patches.
+    children : numpy.ndarray
+        (N, C) rows of each base patch's children, -1 for none (:func:`~zoompipe.grid.children_index`).
+    budget : float
+        Share of the base patches, in (0, 1] (``SparseSettings.explore_budget``).
+    k : int
+        Patches each step selects; never fewer are allowed.
+    weights : numpy.ndarray, optional
+        (N,) weights of the cover (tissue fractions).
+
+    Returns
+    -------
+    numpy.ndarray
+        (N,) bool, True for the patches allowed.
+    """
+    candidates = np.flatnonzero((children >= 0).any(axis=1))
+    n = max(math.ceil(budget * len(children)), k)
+    allowed = np.zeros(len(children), bool)
+    allowed[candidates[coverage_order(base_features[candidates],
+                                      None if weights is None else weights[candidates], n)]] = True
+    return allowed
+
+
 def _cell_keys(cells: np.ndarray) -> np.ndarray:
     return (cells[:, 0].astype(np.int64) << 32) | cells[:, 1].astype(np.int64)
 
@@ -458,9 +491,8 @@ class LazyRows:
         return torch.from_numpy(features).to(self.device)
 
     def selectable(self, k: int) -> Tensor | None:
-        """The first ``max(ceil(budget * N_0), k)`` base patches with children in the slide's
-        cover (:func:`coverage_order` of the base features, ``weights`` weighing them); None
-        without a budget.
+        """The base patches the budget allows (:func:`explore_cover` of the base features,
+        ``weights`` weighing them); None without a budget.
 
         Fixed before any step, from the base features alone: neither the untrained heads nor
         what a cache shared with other runs holds decide what this run explores.
@@ -468,13 +500,8 @@ class LazyRows:
         if self.budget is None:
             return None
         if k not in self._cover:
-            index = self.children[0].numpy()
-            candidates = np.flatnonzero((index >= 0).any(axis=1))
-            n = max(math.ceil(self.budget * len(index)), k)
-            weights = None if self.weights is None else self.weights[candidates]
-            allowed = np.zeros(len(index), bool)
-            allowed[candidates[coverage_order(self.store.features[0][candidates], weights, n)]] = True
-            self._cover[k] = torch.from_numpy(allowed)
+            self._cover[k] = torch.from_numpy(explore_cover(self.store.features[0], self.children[0].numpy(),
+                                                            self.budget, k, self.weights))
         return self._cover[k]
 
     def keep_reached(self) -> None:
