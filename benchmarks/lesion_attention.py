@@ -44,9 +44,25 @@ def slide_localisation(model: torch.nn.Module, class_names: list[str], features:
     regions = cv2.imread(str(regions_dir / f"{slide_id}.png"), cv2.IMREAD_UNCHANGED)
     hit, n_lesions, mass = localise(boxes, out.attention[-1].numpy(), regions, slide_mpp)
     _, _, share = localise(boxes, np.full(len(rows), 1 / len(rows)), regions, slide_mpp)
+    # Where a lesion is lost: a lesion under a patch read at a middle magnification (one of that
+    # patch's last-magnification descendants lies in it) that no 10x patch read reaches was
+    # missed by the zoom head of that magnification; one under none of them, by a head below.
+    under = {}
+    for level in range(1, len(magnifications) - 1):
+        descendants = out.rows[level].numpy()
+        for index in children[level:]:
+            descendants = index.numpy()[descendants].ravel()
+            descendants = descendants[descendants >= 0]
+        below = np.concatenate([coords[-1][descendants], coords[-1][descendants] + last.patch_size_level0], axis=1)
+        under[f"{magnifications[level]:g}x"] = localise(below, np.zeros(len(descendants)), regions, slide_mpp)[0]
     return {"slide_id": slide_id, "predicted": class_names[int(out.logits.argmax())],
-            "lesions_reached": hit, "lesions": n_lesions, "attention_in_lesions": mass,
+            "lesions_reached": hit, "lesions": n_lesions, "lesions_under": under, "attention_in_lesions": mass,
             "patches_in_lesions": share, "patches_read": int(sum(len(r) for r in out.rows))}
+
+
+def float_magnification(name: str) -> float:
+    """``"2.5x"`` -> 2.5."""
+    return float(name.rstrip("x"))
 
 
 def main() -> None:
@@ -68,12 +84,17 @@ def main() -> None:
                                        args.bench / "cohort" / "regions", slide_id)
             slides.append({"run": str(run), "label": labels[slide_id], **entry})
     print(f"{len(args.runs)} runs, {args.split} slides\n")
-    print("| run | slides right | lesions reached | attention inside lesions | patches read / slide |")
-    print("|---|---|---|---|---|")
+    middle = sorted({m for e in slides for m in e["lesions_under"]}, key=float_magnification)
+    print("| run | slides right | " + "".join(f"lesions under the {m} patches read | " for m in middle)
+          + "lesions reached | attention inside lesions | patches read / slide |")
+    print("|---|---|---|" + "---|" * len(middle) + "---|---|")
     for run in args.runs:
         group = [e for e in slides if e["run"] == str(run)]
-        print(f"| {run} | {sum(e['predicted'] == e['label'] for e in group)} / {len(group)} "
-              f"| {100 * sum(e['lesions_reached'] for e in group) / max(sum(e['lesions'] for e in group), 1):.0f}% "
+        lesions = max(sum(e["lesions"] for e in group), 1)
+        print(f"| {run} | {sum(e['predicted'] == e['label'] for e in group)} / {len(group)} | "
+              + "".join(f"{100 * sum(e['lesions_under'][m] for e in group) / lesions:.0f}% | "
+                        if m in group[0]["lesions_under"] else "- | " for m in middle)
+              + f"{100 * sum(e['lesions_reached'] for e in group) / lesions:.0f}% "
               f"| {100 * np.mean([e['attention_in_lesions'] for e in group]):.0f}% "
               f"| {np.mean([e['patches_read'] for e in group]):.0f} |")
     by_class: dict[str, list[dict]] = defaultdict(list)
