@@ -1,0 +1,155 @@
+"""Sparse training with a teacher, simulated: can what an exploration budget embeds teach the zoom?
+
+``zoompipe train --sparse --explore-budget F`` lets the base step zoom only into each slide's
+cover (:func:`zoompipe.sparse.explore_cover`), so training embeds only the children of those
+patches. ``--teacher``, which gives the zoom heads their target on the dense benchmark, needs
+every slide's dense 10x bag, which sparse training does not have. This script asks whether a
+teacher trained on what the budget embeds would do, on a dense cohort (a ``zoom_vs_full.py``
+folder) standing in for the slides:
+
+1. for each slide, a feature file with the base grid in full and, above it, only the children
+   of its cover: what a budgeted sparse run embeds;
+2. per fold, ABMIL at the last magnification trained on those files (train and validation
+   slides): the teacher;
+3. ZoomMIL taught by it (``--teacher``, the evidence target), the training slides' files cut to
+   the cover, the validation slides' dense (validation's hard top-K zooms anywhere, and sparse
+   training embeds what it picks);
+4. both scored on the dense test files: weighted F1, lesions reached, attention inside lesions
+   (``lesion_attention.py``).
+
+The patches counted are those of step 1 for the fold's training and validation slides, against
+their dense count; what validation's hard top-K adds outside the cover is not counted.
+
+Usage::
+
+    python benchmarks/sparse_teacher.py --bench bench40 --out bench_teacher --budget 0.15 --seeds 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lesion_attention import slide_localisation
+from zoompipe.dataset import read_labels, read_splits
+from zoompipe.evaluate import evaluate_run
+from zoompipe.features import read_feature_file, write_feature_file
+from zoompipe.grid import children_index
+from zoompipe.model import load_run
+from zoompipe.sparse import explore_cover
+from zoompipe.train import train_model
+
+
+def write_cover_file(dense: Path, out: Path, budget: float, k: float) -> tuple[int, int]:
+    """Write ``dense`` cut to its base grid and the descendants of its cover; (rows kept, rows in all)."""
+    ff = read_feature_file(dense)
+    base = ff.grids[0]
+    n_k = k if k >= 1 else int(np.ceil(k * len(base)))
+    allowed = explore_cover(ff.features[0], children_index(base, ff.grids[1]), budget, max(1, n_k), base.tissue)
+    grids, features = [base], [ff.features[0]]
+    position = np.arange(len(base))  # each original row's row in the written grid below
+    for grid, feats in zip(ff.grids[1:], ff.features[1:]):
+        rows = np.flatnonzero(allowed[grid.parent])
+        grids.append(replace(grid, cells=grid.cells[rows], coords=grid.coords[rows], tissue=grid.tissue[rows],
+                             parent=position[grid.parent[rows]]))
+        features.append(feats[rows])
+        allowed = np.zeros(len(grid), bool)
+        allowed[rows] = True
+        position = np.full(len(grid), -1)
+        position[rows] = np.arange(len(rows))
+    write_feature_file(out, ff.contract, ff.attrs, grids, features)
+    return sum(len(g) for g in grids), sum(len(g) for g in ff.grids)
+
+
+def linked_features(folder: Path, splits: dict[str, str], cover: Path, dense: Path, cut: set[str]) -> Path:
+    """A features folder whose slides of the splits in ``cut`` link to the cover files, the rest to the dense."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for slide_id, split in splits.items():
+        link = folder / f"{slide_id}.h5"
+        target = (cover if split in cut else dense) / f"{slide_id}.h5"
+        if link.is_symlink() and link.resolve() != target.resolve():
+            link.unlink()
+        if not link.is_symlink():
+            link.symlink_to(target.resolve())
+    return folder
+
+
+def score(run: Path, bench: Path, labels: dict[str, str]) -> dict:
+    """Test weighted F1 on the dense files, with the lesions reached and the attention inside them."""
+    dense = bench / "pre" / "features"
+    metrics = evaluate_run(run, dense, bench / "cohort" / "labels.csv", run / "eval", split="test")
+    model, config = load_run(run)
+    splits = read_splits(run / "splits.csv")
+    with torch.no_grad():
+        slides = [slide_localisation(model, config.class_names, dense, bench / "cohort" / "regions", s)
+                  for s in sorted(s for s in labels if splits.get(s) == "test")]
+    return {"weighted_f1": metrics["weighted_f1"],
+            "best_val_f1": json.loads((run / "train_summary.json").read_text())["best_val_f1"],
+            "lesions_reached": sum(e["lesions_reached"] for e in slides) / max(sum(e["lesions"] for e in slides), 1),
+            "attention_in_lesions": float(np.mean([e["attention_in_lesions"] for e in slides]))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bench", type=Path, required=True, help="a zoom_vs_full.py output folder (dense features)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--budget", type=float, default=0.15, help="share of each slide's base patches explored")
+    parser.add_argument("--folds", type=lambda t: [int(f) for f in t.split(",")], default=[0, 1, 2, 3, 4])
+    parser.add_argument("--seeds", type=lambda t: [int(s) for s in t.split(",")], default=[0])
+    parser.add_argument("--k", type=float, default=0.125)
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--attn-hidden", type=int, default=64)
+    args = parser.parse_args()
+    labels_csv = args.bench / "cohort" / "labels.csv"
+    labels = read_labels(labels_csv)
+    dense = args.bench / "pre" / "features"
+    cover = args.out / f"cover{args.budget:g}"
+    cover.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for slide_id in sorted(labels):
+        counts[slide_id] = write_cover_file(dense / f"{slide_id}.h5", cover / f"{slide_id}.h5", args.budget, args.k)
+    common = {"epochs": args.epochs, "lr": args.lr, "lr_patience": 0, "hidden": args.hidden,
+              "attn_hidden": args.attn_hidden, "progress": False}
+    results = []
+    for fold in args.folds:
+        splits_csv = args.bench / "splits" / f"fold{fold}.csv"
+        splits = read_splits(splits_csv)
+        used = [counts[s] for s in splits if splits[s] in ("train", "val")]
+        kept, total = sum(c[0] for c in used), sum(c[1] for c in used)
+        for seed in args.seeds:
+            name = f"fold{fold}_seed{seed}"
+            teacher = args.out / "teacher" / name
+            if not (teacher / "train_summary.json").exists():
+                train_model(linked_features(args.out / "features" / f"teacher_fold{fold}", splits, cover, dense,
+                                            {"train", "val"}),
+                            labels_csv, teacher, architecture="abmil", splits_csv=splits_csv,
+                            magnifications=[10.0], seed=seed, **common)
+            zoom = args.out / "zoommil" / name
+            if not (zoom / "train_summary.json").exists():
+                train_model(linked_features(args.out / "features" / f"zoommil_fold{fold}", splits, cover, dense,
+                                            {"train"}),
+                            labels_csv, zoom, splits_csv=splits_csv, magnifications=[1.25, 2.5, 10.0], k=args.k,
+                            teacher=teacher, seed=seed, **common)
+            entry = {"fold": fold, "seed": seed, "patches_embedded": kept, "dense_patches": total,
+                     "teacher": score(teacher, args.bench, labels), "zoommil": score(zoom, args.bench, labels)}
+            results.append(entry)
+            print(f"fold {fold} seed {seed}: patches {kept} of {total} ({total / kept:.2f}x fewer); "
+                  f"teacher val {entry['teacher']['best_val_f1']:.3f}, dense test F1 {entry['teacher']['weighted_f1']:.3f}; "
+                  f"ZoomMIL val {entry['zoommil']['best_val_f1']:.3f}, test F1 {entry['zoommil']['weighted_f1']:.3f}, "
+                  f"lesions {entry['zoommil']['lesions_reached']:.0%}, "
+                  f"attention inside {entry['zoommil']['attention_in_lesions']:.0%}", flush=True)
+    (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                       "runs": results}, indent=1))
+    f1 = [r["zoommil"]["weighted_f1"] for r in results]
+    print(f"ZoomMIL taught on the cover: mean test weighted F1 {100 * np.mean(f1):.1f} over {len(f1)} runs")
+
+
+if __name__ == "__main__":
+    main()
