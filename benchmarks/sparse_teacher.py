@@ -106,6 +106,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--attn-hidden", type=int, default=64)
+    parser.add_argument("--teacher-weight-decay", type=float, default=0.0,
+                        help="the teacher's Adam weight decay (its bags are small enough to learn by heart)")
     args = parser.parse_args()
     labels_csv = args.bench / "cohort" / "labels.csv"
     labels = read_labels(labels_csv)
@@ -130,7 +132,7 @@ def main() -> None:
                 train_model(linked_features(args.out / "features" / f"teacher_fold{fold}", splits, cover, dense,
                                             {"train", "val"}),
                             labels_csv, teacher, architecture="abmil", splits_csv=splits_csv,
-                            magnifications=[10.0], seed=seed, **common)
+                            magnifications=[10.0], weight_decay=args.teacher_weight_decay, seed=seed, **common)
             zoom = args.out / "zoommil" / name
             if not (zoom / "train_summary.json").exists():
                 train_model(linked_features(args.out / "features" / f"zoommil_fold{fold}", splits, cover, dense,
