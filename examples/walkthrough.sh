@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# zoompipe end to end on a synthetic cohort small enough for a laptop (about 5 minutes on 2 cores):
+# zoompipe end to end on a synthetic cohort small enough for a laptop (about 4 minutes on 2 cores):
 # synth -> preprocess -> train the teacher -> train ZoomMIL -> evaluate -> predict -> heatmap.
 #
 #   bash examples/walkthrough.sh [OUT]        (default OUT=walkthrough; uses .venv/bin/zoompipe if present)
