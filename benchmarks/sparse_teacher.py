@@ -41,6 +41,7 @@ from zoompipe.evaluate import evaluate_run
 from zoompipe.features import read_feature_file, write_feature_file
 from zoompipe.grid import children_index
 from zoompipe.model import load_run
+from zoompipe.model.zoommil import patches_to_zoom
 from zoompipe.sparse import explore_cover
 from zoompipe.train import train_model
 
@@ -49,8 +50,8 @@ def write_cover_file(dense: Path, out: Path, budget: float, k: float) -> tuple[i
     """Write ``dense`` cut to its base grid and the descendants of its cover; (rows kept, rows in all)."""
     ff = read_feature_file(dense)
     base = ff.grids[0]
-    n_k = k if k >= 1 else int(np.ceil(k * len(base)))
-    allowed = explore_cover(ff.features[0], children_index(base, ff.grids[1]), budget, max(1, n_k), base.tissue)
+    allowed = explore_cover(ff.features[0], children_index(base, ff.grids[1]), budget,
+                            patches_to_zoom(k, len(base)), base.tissue)
     grids, features = [base], [ff.features[0]]
     position = np.arange(len(base))  # each original row's row in the written grid below
     for grid, feats in zip(ff.grids[1:], ff.features[1:]):

@@ -46,6 +46,13 @@ FetchChildren = Callable[[int, Tensor], tuple[Tensor, Tensor]]
 Zoomable = Callable[[int, Tensor], Tensor]
 
 
+def patches_to_zoom(k: float, n_base: int) -> int:
+    """K for a slide with ``n_base`` base patches: ``k`` itself when >= 1, else that fraction of
+    the bag, rounded up; capped at the bag, at least 1."""
+    count = k if k >= 1 else math.ceil(k * n_base)
+    return max(1, min(int(count), n_base))
+
+
 class RowSource(Protocol):
     """A slide's features by global row, for training that does not hold every bag in memory.
 
@@ -211,8 +218,7 @@ class ZoomMILConfig:
 
     def resolve_k(self, n_base: int) -> int:
         """Patches to select at each step for a slide with ``n_base`` base patches."""
-        k = self.k if self.k >= 1 else math.ceil(self.k * n_base)
-        return max(1, min(int(k), n_base))
+        return patches_to_zoom(self.k, n_base)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form of the configuration."""
