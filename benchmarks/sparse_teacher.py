@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,33 +37,27 @@ import torch
 from lesion_attention import slide_localisation
 from zoompipe.dataset import read_labels, read_splits
 from zoompipe.evaluate import evaluate_run
-from zoompipe.features import read_feature_file, write_feature_file
+from zoompipe.features import read_feature_file
 from zoompipe.grid import children_index
 from zoompipe.model import load_run
 from zoompipe.model.zoommil import patches_to_zoom
-from zoompipe.sparse import explore_cover
+from zoompipe.sparse import FeatureCache, explore_cover
 from zoompipe.train import train_model
 
 
 def write_cover_file(dense: Path, out: Path, budget: float, k: float) -> tuple[int, int]:
-    """Write ``dense`` cut to its base grid and the descendants of its cover; (rows kept, rows in all)."""
+    """Write the sparse cache that a budgeted run would fill for ``dense``'s slide: its base grid and
+    the descendants of its cover, features taken from ``dense``; (rows kept, rows in all)."""
     ff = read_feature_file(dense)
-    base = ff.grids[0]
-    allowed = explore_cover(ff.features[0], children_index(base, ff.grids[1]), budget,
-                            patches_to_zoom(k, len(base)), base.tissue)
-    grids, features = [base], [ff.features[0]]
-    position = np.arange(len(base))  # each original row's row in the written grid below
-    for grid, feats in zip(ff.grids[1:], ff.features[1:]):
-        rows = np.flatnonzero(allowed[grid.parent])
-        grids.append(replace(grid, cells=grid.cells[rows], coords=grid.coords[rows], tissue=grid.tissue[rows],
-                             parent=position[grid.parent[rows]]))
-        features.append(feats[rows])
-        allowed = np.zeros(len(grid), bool)
-        allowed[rows] = True
-        position = np.full(len(grid), -1)
-        position[rows] = np.arange(len(rows))
-    write_feature_file(out, ff.contract, ff.attrs, grids, features)
-    return sum(len(g) for g in grids), sum(len(g) for g in ff.grids)
+    out.unlink(missing_ok=True)  # a cache file that exists would be read back into the new one
+    cache = FeatureCache(out, ff.grids, ff.contract, ff.attrs, ff.features[0])
+    rows = np.flatnonzero(explore_cover(ff.features[0], children_index(ff.grids[0], ff.grids[1]), budget,
+                                        patches_to_zoom(k, len(ff.grids[0])), ff.grids[0].tissue))
+    for level, (grid, features) in enumerate(zip(ff.grids[1:], ff.features[1:]), start=1):
+        rows = np.flatnonzero(np.isin(grid.parent, rows))
+        cache.add(level, rows, features[rows])
+    cache.save()
+    return sum(cache.count(level) for level in range(len(ff.grids))), sum(len(g) for g in ff.grids)
 
 
 def linked_features(folder: Path, splits: dict[str, str], cover: Path, dense: Path, cut: set[str]) -> Path:
