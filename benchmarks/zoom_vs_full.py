@@ -205,14 +205,16 @@ def config_slug(config: dict[str, float]) -> str:
 
 def train_fold(method: Method, fold_csv: Path, features: Path, labels_csv: Path, run_root: Path,
                grid: list[dict[str, float]], seeds: list[int],
-               fixed: Callable[[int], dict[str, Any]]) -> tuple[dict[str, float], list[dict[str, Any]]]:
+               fixed: Callable[[int], dict[str, Any]],
+               ) -> tuple[dict[str, float], list[dict[str, float]], list[dict[str, Any]]]:
     """Train every configuration of the grid with every seed on one fold.
 
     Returns the configuration chosen on validation (the best validation F1 averaged over the
-    seeds, then the lower mean validation loss, as training chooses its epoch) and the search,
-    one entry per configuration and seed. ``fixed(seed)`` gives the settings every run of that
-    seed shares. A run whose ``train_summary.json`` exists is reused, provided it was trained
-    with these settings on this split.
+    seeds, then the lower mean validation loss, as training chooses its epoch), the
+    configurations tied with it on validation F1 (itself included), and the search, one entry
+    per configuration and seed. ``fixed(seed)`` gives the settings every run of that seed
+    shares. A run whose ``train_summary.json`` exists is reused, provided it was trained with
+    these settings on this split.
     """
     search = []
     for config in grid:
@@ -235,7 +237,9 @@ def train_fold(method: Method, fold_csv: Path, features: Path, labels_csv: Path,
         runs = [s for s in search if s["config"] == config]
         return (float(np.mean([s["best_val_f1"] for s in runs])), -float(np.mean([s["best_val_loss"] for s in runs])))
 
-    return max(grid, key=validation), search
+    chosen = max(grid, key=validation)
+    tied = [c for c in grid if np.isclose(validation(c)[0], validation(chosen)[0])]
+    return chosen, tied, search
 
 
 def same_run(summary: dict[str, Any], run_splits: Path, fold_csv: Path, settings: dict[str, Any]) -> bool:
@@ -305,6 +309,7 @@ def summarise(method: Method, folds: list[dict], counts: dict[str, int], gflops:
         "magnifications": list(method.magnifications), "architecture": method.architecture,
         "folds": folds,
         "weighted_f1": mean_std([f["weighted_f1"] for f in folds]),
+        "weighted_f1_over_ties": mean_std([np.mean([t["weighted_f1"] for t in f["tied"]]) for f in folds]),
         "accuracy": mean_std([f["accuracy"] for f in folds]),
         "macro_auc": mean_std([f["auc"] for f in folds]),
         "patches_per_slide": patches, "gflops_per_slide": patches * gflops,
@@ -342,7 +347,9 @@ def check_targets(results: dict[str, dict]) -> list[tuple[str, bool, str]]:
          all(learns) and solvable,
          f"ZoomMIL {pct(f1['zoom'])}, ABMIL 1.25x {pct(f1['low'])}, ABMIL 10x {pct(f1['full'])} per fold"),
         ("ZoomMIL F1 >= ABMIL 10x - 1 point", np.mean(f1["zoom"]) >= np.mean(f1["full"]) - 0.01,
-         f"{100 * np.mean(f1['zoom']):.1f} vs {100 * np.mean(f1['full']):.1f}"),
+         f"{100 * np.mean(f1['zoom']):.1f} vs {100 * np.mean(f1['full']):.1f} (averaged over validation ties: "
+         f"{results[ZOOMMIL.name]['weighted_f1_over_ties'].split(' ')[0]} vs "
+         f"{results[ABMIL_10.name]['weighted_f1_over_ties'].split(' ')[0]})"),
         ("ZoomMIL F1 >= ABMIL 1.25x + 30 points", np.mean(f1["zoom"]) >= np.mean(f1["low"]) + 0.30,
          f"{100 * np.mean(f1['zoom']):.1f} vs {100 * np.mean(f1['low']):.1f}"),
         ("every fold and seed: >= 95% of lesions reached by a 10x patch ZoomMIL read, at K <= N/4",
@@ -395,16 +402,16 @@ def write_markdown(path: Path, summary: dict[str, Any]) -> str:
     """The results as tables; also returned, for printing."""
     results = summary["methods"]
     lines = [
-        "| method | weighted F1 | accuracy | macro AUC | patches / slide | encoder GFLOPs / slide "
-        "| predict s / slide | peak RSS GiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | weighted F1 | weighted F1, validation ties averaged | accuracy | macro AUC | patches / slide "
+        "| encoder GFLOPs / slide | predict s / slide | peak RSS GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def optional(value: float | None, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
     for name, r in results.items():
-        lines.append(f"| {name} | {r['weighted_f1']} | {r['accuracy']} | {r['macro_auc']} | "
+        lines.append(f"| {name} | {r['weighted_f1']} | {r['weighted_f1_over_ties']} | {r['accuracy']} | {r['macro_auc']} | "
                      f"{r['patches_per_slide']:.0f} | {r['gflops_per_slide']:.1f} | "
                      f"{optional(r['predict_seconds_per_slide'], '.2f')} | {optional(r['peak_rss_gib'], '.2f')} |")
     zoom, full = results[ZOOMMIL.name], results[ABMIL_10.name]
@@ -421,6 +428,16 @@ def write_markdown(path: Path, summary: dict[str, Any]) -> str:
         chosen = [next(e for e in runs if e["fold"] == f)["chosen"] for f in summary["folds"]]
         cells = [f"{f1} ({config_slug(c)})" for f1, c in zip(by_fold(runs, [e["weighted_f1"] for e in runs]), chosen)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    ties = []
+    for name, r in results.items():
+        for fold in summary["folds"]:
+            runs = [e for e in r["folds"] if e["fold"] == fold]
+            if len(runs[0]["tied"]) > 1:
+                tests = [f"{config_slug(t['config'])} " + "/".join(f"{100 * e['tied'][i]['weighted_f1']:.0f}" for e in runs)
+                         for i, t in enumerate(runs[0]["tied"])]
+                ties.append(f"{name} fold {fold} ({', '.join(tests)})")
+    lines += ["", "Validation ties (the configurations sharing the chosen one's mean validation F1, in grid order, "
+              "with their test F1 per seed): " + ("; ".join(ties) if ties else "none") + "."]
     runs = zoom["folds"]
 
     def per_fold(key: str, fmt: str = "{:.0f}") -> str:
@@ -553,7 +570,7 @@ def main() -> None:
                               if c["hidden"] == args.hidden]
                 if not same_width:
                     parser.error(f"--abmil-teacher: ABMIL 10x searches no run of width {args.hidden} (--hiddens)")
-                teacher_config, _ = train_fold(ABMIL_10, fold_csv, features, labels_csv, teacher_root, same_width,
+                teacher_config, _, _ = train_fold(ABMIL_10, fold_csv, features, labels_csv, teacher_root, same_width,
                                                args.seeds, lambda seed: fixed)
 
             def settings(seed: int) -> dict[str, Any]:
@@ -562,7 +579,7 @@ def main() -> None:
                 return {**fixed, "teacher": str(teacher_root / f"seed{seed}" / config_slug(teacher_config)),
                         "teacher_target": args.teacher_target, "attention_target_weight": args.attention_target_weight}
 
-            chosen, search = train_fold(method, fold_csv, features, labels_csv,
+            chosen, tied, search = train_fold(method, fold_csv, features, labels_csv,
                                         out / "runs" / method.slug / f"fold{fold}", grid, args.seeds, settings)
             for seed in args.seeds:
                 run = out / "runs" / method.slug / f"fold{fold}" / f"seed{seed}" / config_slug(chosen)
@@ -574,6 +591,11 @@ def main() -> None:
                                            device=args.device)
                     entry = {key: metrics[key] for key in ("accuracy", "weighted_f1", "auc")}
                     entry["scored_from"] = "dense test features"
+                # What the choice is worth when validation cannot make it: the test F1 of every
+                # configuration tied with the chosen one, the expectation of a random tie-break.
+                entry["tied"] = [{"config": c, "weighted_f1": entry["weighted_f1"] if c == chosen else evaluate_run(
+                    run.parent / config_slug(c), features, labels_csv, run.parent / config_slug(c) / "eval",
+                    split="test", device=args.device)["weighted_f1"]} for c in tied]
                 per_fold[method.name].append({"fold": fold, "seed": seed, "chosen": chosen, "run": str(run),
                                               "search": [s for s in search if s["seed"] == seed],
                                               "n_test": len(test), **entry})
