@@ -25,7 +25,8 @@ ceiling: training keeps the epoch with the best validation F1.
 Scoring: the zooming models, and ABMIL 10x on the first fold and seed (``--predict-all-folds``
 for every fold, first seed), run ``zoompipe predict`` on the raw test slides in a subprocess (its
 peak RSS is that process's own); the other runs are scored on the dense test features with
-``evaluate_run``, which gives the same numbers (tests/test_engine.py checks that predict and the model on dense features agree).
+``evaluate_run``, which gives the same numbers (tests/test_engine.py checks that predict and the
+model on dense features agree).
 Localisation comes from the ground-truth lesion masks of the cohort, per fold and seed.
 
 Outputs already on disk are reused: the cohort's slides, preprocessed slides, finished training
