@@ -302,7 +302,8 @@ def by_fold(entries: list[dict], values: list[float], fmt: str = "{:.0f}") -> li
 
 
 def summarise(method: Method, folds: list[dict], counts: dict[str, int], gflops: float) -> dict[str, Any]:
-    """Mean +- std over folds; cost from the folds scored by ``predict`` where there are any."""
+    """Mean +- std over the runs (one per fold and seed); cost from the runs scored by ``predict``
+    where there are any."""
     predicted = [f for f in folds if f["scored_from"] == "predict on raw slides"]
     patches = (float(np.mean([f["patches_per_slide"] for f in predicted])) if method.zooms
                else float(np.mean(list(counts.values()))))
@@ -434,10 +435,11 @@ def write_markdown(path: Path, summary: dict[str, Any]) -> str:
     ties = []
     for name, r in results.items():
         for fold in summary["folds"]:
-            runs = [e for e in r["folds"] if e["fold"] == fold]
-            if len(runs[0]["tied"]) > 1:
-                tests = [f"{config_slug(t['config'])} " + "/".join(f"{100 * e['tied'][i]['weighted_f1']:.0f}" for e in runs)
-                         for i, t in enumerate(runs[0]["tied"])]
+            seeds_runs = [e for e in r["folds"] if e["fold"] == fold]
+            if len(seeds_runs[0]["tied"]) > 1:
+                tests = [f"{config_slug(t['config'])} "
+                         + "/".join(f"{100 * e['tied'][i]['weighted_f1']:.0f}" for e in seeds_runs)
+                         for i, t in enumerate(seeds_runs[0]["tied"])]
                 ties.append(f"{name} fold {fold} ({', '.join(tests)})")
     lines += ["", "Validation ties (the configurations sharing the chosen one's mean validation F1, in grid order, "
               "with their test F1 per seed): " + ("; ".join(ties) if ties else "none") + "."]
