@@ -6,6 +6,8 @@ inside the cohort's lesions. This script splits that share by the slides' class,
 dense feature files of a ``zoom_vs_full.py`` output folder: the model's eval forward, which is
 what ``predict`` computes from the raw slides (``tests/test_engine.py``). A zoom target taken
 from a model's attention teaches the zoom heads to look where that model looks, class by class.
+A third table says which zoom head lost the lesions that no 10x patch read reaches, and how far
+below its K it ranked them.
 
 Usage::
 
@@ -23,7 +25,7 @@ import cv2
 import numpy as np
 import torch
 
-from zoom_vs_full import localise
+from zoom_vs_full import lesion_labels, localise
 from zoompipe.dataset import feature_path, read_bags, read_labels, read_splits
 from zoompipe.features import read_feature_file
 from zoompipe.model import load_run
@@ -44,19 +46,37 @@ def slide_localisation(model: torch.nn.Module, class_names: list[str], features:
     regions = cv2.imread(str(regions_dir / f"{slide_id}.png"), cv2.IMREAD_UNCHANGED)
     hit, n_lesions, mass = localise(boxes, out.attention[-1].numpy(), regions, slide_mpp)
     _, _, share = localise(boxes, np.full(len(rows), 1 / len(rows)), regions, slide_mpp)
-    # Where a lesion is lost: a lesion under a patch read at a middle magnification (one of that
-    # patch's last-magnification descendants lies in it) that no 10x patch read reaches was
-    # missed by the zoom head of that magnification; one under none of them, by a head below.
-    under = {}
-    for level in range(1, len(magnifications) - 1):
-        descendants = out.rows[level].numpy()
-        for index in children[level:]:
-            descendants = index.numpy()[descendants].ravel()
-            descendants = descendants[descendants >= 0]
-        below = np.concatenate([coords[-1][descendants], coords[-1][descendants] + last.patch_size_level0], axis=1)
-        under[f"{magnifications[level]:g}x"] = localise(below, np.zeros(len(descendants)), regions, slide_mpp)[0]
+    lesion_of = lesion_labels(np.concatenate([coords[-1], coords[-1] + last.patch_size_level0], axis=1),
+                              regions, slide_mpp)
+    # Where a lesion is lost: each zoom head ranks the patches of its bag and keeps K; a lesion
+    # under some patch of that bag (one of the patch's last-magnification descendants lies in it)
+    # and under none of the K was lost by that head. ``under`` counts the lesions under the
+    # patches read at each middle magnification; ``missed`` gives, per lost lesion, the head, the
+    # rank (1 = first) of the best patch over it, K, and how many of the K lay on other lesions.
+    under, missed = {}, []
+    for step in range(len(magnifications) - 1):
+        lesions = []
+        for row in out.rows[step].tolist():
+            descendants = np.array([row])
+            for index in children[step:]:
+                descendants = index.numpy()[descendants].ravel()
+                descendants = descendants[descendants >= 0]
+            found = lesion_of[descendants]
+            lesions.append(set(found[found > 0].tolist()))
+        present = set().union(*lesions)
+        if step > 0:
+            under[f"{magnifications[step]:g}x"] = len(present)
+        chosen = np.isin(out.rows[step].numpy(), out.selected[step].numpy())
+        kept = set().union(*(lesions[i] for i in np.flatnonzero(chosen)))
+        rank = np.empty(len(lesions), dtype=int)
+        rank[np.argsort(-out.selection_scores[step].numpy(), kind="stable")] = np.arange(1, len(lesions) + 1)
+        for lesion in sorted(present - kept):
+            missed.append({"head": f"{magnifications[step]:g}x", "k": int(chosen.sum()),
+                           "rank": int(min(rank[i] for i, found in enumerate(lesions) if lesion in found)),
+                           "k_on_lesions": int(sum(bool(lesions[i]) for i in np.flatnonzero(chosen)))})
     return {"slide_id": slide_id, "predicted": class_names[int(out.logits.argmax())],
-            "lesions_reached": hit, "lesions": n_lesions, "lesions_under": under, "attention_in_lesions": mass,
+            "lesions_reached": hit, "lesions": n_lesions, "lesions_under": under, "missed": missed,
+            "attention_in_lesions": mass,
             "patches_in_lesions": share, "patches_read": int(sum(len(r) for r in out.rows))}
 
 
@@ -110,6 +130,16 @@ def main() -> None:
         print(f"| {name} | {len(group)} | {right} | {100 * reached:.0f}% "
               f"| {100 * np.mean([e['attention_in_lesions'] for e in group]):.0f}% "
               f"| {100 * np.mean([e['patches_in_lesions'] for e in group]):.1f}% |")
+    missed = [m for e in slides for m in e["missed"]]
+    if missed:
+        print("\n| zoom head | lesions it lost | ranked K + 1 to K + 3 | ranked lower "
+              "| lost with all K chosen on other lesions |")
+        print("|---|---|---|---|---|")
+        for head in sorted({m["head"] for m in missed}, key=float_magnification):
+            lost = [m for m in missed if m["head"] == head]
+            near = sum(m["rank"] - m["k"] <= 3 for m in lost)
+            print(f"| {head} | {len(lost)} | {near} | {len(lost) - near} "
+                  f"| {sum(m['k_on_lesions'] == m['k'] for m in lost)} |")
     if args.out:
         args.out.write_text(json.dumps(slides, indent=1))
 

@@ -172,6 +172,14 @@ def localisation(prediction: Prediction, regions: np.ndarray) -> tuple[int, int,
     return localise(report.boxes, report.attention, regions, prediction.slide_mpp)
 
 
+def lesion_labels(boxes: np.ndarray, regions: np.ndarray, slide_mpp: float) -> np.ndarray:
+    """The lesion (its label in ``regions``, 0 for none) that each patch's centre falls in; patches
+    given by their level-0 boxes (x0, y0, x1, y1), ``regions`` at ``REGIONS_MPP``."""
+    scale = REGIONS_MPP / slide_mpp  # level-0 pixels per region-mask pixel
+    centres = ((boxes[:, :2] + boxes[:, 2:]) / 2 / scale).astype(int)
+    return regions[np.clip(centres[:, 1], 0, regions.shape[0] - 1), np.clip(centres[:, 0], 0, regions.shape[1] - 1)]
+
+
 def localise(boxes: np.ndarray, attention: np.ndarray, regions: np.ndarray,
              slide_mpp: float) -> tuple[int, int, float]:
     """:func:`localisation` of patches given by their level-0 boxes (x0, y0, x1, y1) and attention.
@@ -179,11 +187,7 @@ def localise(boxes: np.ndarray, attention: np.ndarray, regions: np.ndarray,
     A patch is inside the lesion that its centre falls in (``regions``: the cohort's lesion mask,
     one label per lesion, at ``REGIONS_MPP``).
     """
-    scale = REGIONS_MPP / slide_mpp  # level-0 pixels per region-mask pixel
-    centres = ((boxes[:, :2] + boxes[:, 2:]) / 2 / scale).astype(int)
-    cy = np.clip(centres[:, 1], 0, regions.shape[0] - 1)
-    cx = np.clip(centres[:, 0], 0, regions.shape[1] - 1)
-    labels = regions[cy, cx]
+    labels = lesion_labels(boxes, regions, slide_mpp)
     n_regions = int(regions.max())
     hit = len(set(labels[labels > 0].tolist()))
     mass = float(np.asarray(attention)[labels > 0].sum())
