@@ -48,6 +48,10 @@ def slide_localisation(model: torch.nn.Module, class_names: list[str], features:
     _, _, share = localise(boxes, np.full(len(rows), 1 / len(rows)), regions, slide_mpp)
     lesion_of = lesion_labels(np.concatenate([coords[-1], coords[-1] + last.patch_size_level0], axis=1),
                               regions, slide_mpp)
+    # The lesions under every patch of every magnification, from the last one down.
+    below = [[{int(label)} - {0} for label in lesion_of]]
+    for index in reversed(children):
+        below.insert(0, [set().union(*(below[0][c] for c in row if c >= 0)) for row in index.tolist()])
     # Where a lesion is lost: each zoom head ranks the patches of its bag and keeps K; a lesion
     # under some patch of that bag (one of the patch's last-magnification descendants lies in it)
     # and under none of the K was lost by that head. ``under`` counts the lesions under the
@@ -55,25 +59,19 @@ def slide_localisation(model: torch.nn.Module, class_names: list[str], features:
     # rank (1 = first) of the best patch over it, K, and how many of the K lay on other lesions.
     under, missed = {}, []
     for step in range(len(magnifications) - 1):
-        lesions = []
-        for row in out.rows[step].tolist():
-            descendants = np.array([row])
-            for index in children[step:]:
-                descendants = index.numpy()[descendants].ravel()
-                descendants = descendants[descendants >= 0]
-            found = lesion_of[descendants]
-            lesions.append(set(found[found > 0].tolist()))
+        lesions = [below[step][row] for row in out.rows[step].tolist()]
         present = set().union(*lesions)
         if step > 0:
             under[f"{magnifications[step]:g}x"] = len(present)
-        chosen = np.isin(out.rows[step].numpy(), out.selected[step].numpy())
-        kept = set().union(*(lesions[i] for i in np.flatnonzero(chosen)))
+        chosen = np.flatnonzero(np.isin(out.rows[step].numpy(), out.selected[step].numpy()))
+        kept = set().union(*(lesions[i] for i in chosen))
+        on_lesions = sum(bool(lesions[i]) for i in chosen)
         rank = np.empty(len(lesions), dtype=int)
         rank[np.argsort(-out.selection_scores[step].numpy(), kind="stable")] = np.arange(1, len(lesions) + 1)
         for lesion in sorted(present - kept):
-            missed.append({"head": f"{magnifications[step]:g}x", "k": int(chosen.sum()),
+            missed.append({"head": f"{magnifications[step]:g}x", "k": len(chosen),
                            "rank": int(min(rank[i] for i, found in enumerate(lesions) if lesion in found)),
-                           "k_on_lesions": int(sum(bool(lesions[i]) for i in np.flatnonzero(chosen)))})
+                           "k_on_lesions": on_lesions})
     return {"slide_id": slide_id, "predicted": class_names[int(out.logits.argmax())],
             "lesions_reached": hit, "lesions": n_lesions, "lesions_under": under, "missed": missed,
             "attention_in_lesions": mass,

@@ -16,7 +16,9 @@ rule and one precision for all:
 
 Several seeds make the choice less of a draw: a fold's validation split holds 8 slides, so one
 slide is 12 points of F1 and two configurations often tie (README, the zoom benchmark). The seeds
-give the configuration 8 x seeds validation verdicts, and the table every run of it.
+give the configuration 8 x seeds validation verdicts, and the table every run of it. The
+configurations tied with the chosen one on validation are scored too, and their mean test F1 (a
+random tie-break's expectation) is what the "- 1 point" target is judged on.
 
 Every method searches the same number of configurations: the learning rates times K for the
 zooming models, the learning rates times the projection width for the others. Epochs are a
@@ -305,6 +307,11 @@ def by_fold(entries: list[dict], values: list[float], fmt: str = "{:.0f}") -> li
     return ["/".join(fmt.format(100 * v) for e, v in zip(entries, values) if e["fold"] == f) for f in folds]
 
 
+def tie_averaged_f1(run: dict) -> float:
+    """The test F1 of every configuration tied on validation with the one a run chose, averaged."""
+    return float(np.mean([t["weighted_f1"] for t in run["tied"]]))
+
+
 def summarise(method: Method, folds: list[dict], counts: dict[str, int], gflops: float) -> dict[str, Any]:
     """Mean +- std over the runs (one per fold and seed); cost from the runs scored by ``predict``
     where there are any."""
@@ -315,7 +322,7 @@ def summarise(method: Method, folds: list[dict], counts: dict[str, int], gflops:
         "magnifications": list(method.magnifications), "architecture": method.architecture,
         "folds": folds,
         "weighted_f1": mean_std([f["weighted_f1"] for f in folds]),
-        "weighted_f1_over_ties": mean_std([np.mean([t["weighted_f1"] for t in f["tied"]]) for f in folds]),
+        "weighted_f1_over_ties": mean_std([tie_averaged_f1(f) for f in folds]),
         "accuracy": mean_std([f["accuracy"] for f in folds]),
         "macro_auc": mean_std([f["auc"] for f in folds]),
         "patches_per_slide": patches, "gflops_per_slide": patches * gflops,
@@ -349,7 +356,7 @@ def check_targets(results: dict[str, dict]) -> list[tuple[str, bool, str]]:
         return ", ".join(by_fold(zoom, values))
 
     def over_ties(runs: list[dict]) -> float:
-        return float(np.mean([np.mean([t["weighted_f1"] for t in run["tied"]]) for run in runs]))
+        return float(np.mean([tie_averaged_f1(run) for run in runs]))
 
     return [
         ("every fold and seed: ZoomMIL >= ABMIL 1.25x + 20 points, while ABMIL 10x > 90 (its mean)",
