@@ -43,7 +43,7 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
                    "grouped by the labels' optional patient_id column].")
 @click.option("--fold", type=int, default=None, help="Test fold of the generated split [default: 0].")
 @click.option("--architecture", default="zoommil",
-              help="Model: zoommil, or a baseline on one magnification: abmil, clam_sb, transmil.")
+              help="Model: zoommil, or a baseline on one magnification: abmil, clam_sb, clam_mb, transmil.")
 @click.option("--magnifications", callback=parse_magnifications, default=None,
               help="Cascade to train on, e.g. 1.25,2.5,10 [default: the files' cascade for zoommil, "
                    "their highest magnification for the baselines].")

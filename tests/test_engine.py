@@ -59,7 +59,7 @@ def _dense(model, features_path, mags):
 
 
 @pytest.mark.parametrize("architecture, mags", [("zoommil", CASCADE), ("abmil", [10.0]), ("clam_sb", [2.5]),
-                                                ("transmil", [5.0])])
+                                                ("clam_mb", [10.0]), ("transmil", [5.0])])
 def test_predict_on_raw_slide_equals_model_on_dense_features(preprocessed, tmp_path, architecture, mags):
     slide, features_path = preprocessed
     run, model = _run(tmp_path, features_path, mags, architecture=architecture)

@@ -1,4 +1,4 @@
-"""The model registry and the two baselines' own parts: CLAM-SB's instance loss, TransMIL's attention."""
+"""The model registry and the baselines' own parts: CLAM's instance loss and branches, TransMIL's attention."""
 from __future__ import annotations
 
 import pytest
@@ -11,9 +11,9 @@ from zoompipe.model.transmil import NystromAttention
 
 
 def test_registry_builds_every_architecture_and_refuses_unknown_ones() -> None:
-    assert list_models() == ["abmil", "clam_sb", "transmil", "zoommil"]
+    assert list_models() == ["abmil", "clam_mb", "clam_sb", "transmil", "zoommil"]
     bag = torch.randn(10, 8)
-    for name in ("abmil", "clam_sb", "transmil"):
+    for name in ("abmil", "clam_mb", "clam_sb", "transmil"):
         model = create_model(name, in_dim=8, n_classes=3, magnifications=[10], hidden=16).eval()
         assert model.needs == "dense"
         with torch.no_grad():
@@ -46,6 +46,41 @@ def test_clam_instance_loss_pseudo_labels_the_most_and_least_attended_patches() 
     out.aux_loss.backward()
     assert model.instance_classifiers[1].weight.grad.abs().sum() > 0 and model.attention.score.weight.grad is None
     assert model.eval()([bag], [], label=1).aux_loss is None  # a training-only term
+
+
+def test_clam_mb_scores_each_class_by_its_own_branch_and_shows_the_predicted_one() -> None:
+    torch.manual_seed(0)
+    model = create_model("clam_mb", in_dim=8, n_classes=3, magnifications=[10], hidden=16, k_sample=2,
+                         dropout=0.0).eval()
+    bag = torch.randn(9, 8)
+    with torch.no_grad():
+        out = model([bag], [])
+        h = model.project(bag)
+        a, v = model.attention.tanh_branch(h), model.attention.gate_branch(h)
+        expected_logits, branches = [], []
+        for c in range(3):  # by hand: branch c's gated scores, its softmax, its pooled vector, row c
+            weights = torch.softmax((a * v) @ model.attention.score.weight[c] + model.attention.score.bias[c], 0)
+            branches.append(weights)
+            expected_logits.append(model.classifier.weight[c] @ (weights @ h) + model.classifier.bias[c])
+    torch.testing.assert_close(out.logits, torch.stack(expected_logits))
+    torch.testing.assert_close(out.attention[0], branches[int(out.logits.argmax())])
+    # The branches differ: each class ranks the patches its own way.
+    assert not torch.allclose(branches[0], branches[1])
+    # The instance loss ranks the patches by each class's own branch.
+    model.train()
+    out = model([bag], [], label=2)
+    scores = model.attention(h)
+    assert scores.shape == (9, 3)
+    losses = []
+    for c in range(3):
+        top, bottom = scores[:, c].topk(2).indices, scores[:, c].topk(2, largest=False).indices
+        rows, targets = (torch.cat([top, bottom]), torch.tensor([1, 1, 0, 0])) if c == 2 else (top, torch.tensor([0, 0]))
+        losses.append(F.cross_entropy(model.instance_classifiers[c](h[rows]), targets))
+    torch.testing.assert_close(out.aux_loss, 0.3 * sum(losses) / 3)
+    out.logits[1].backward()
+    # Class 1's logit reaches only class 1's attention row and classifier row.
+    assert model.attention.score.weight.grad[[0, 2]].abs().sum() == 0 < model.attention.score.weight.grad[1].abs().sum()
+    assert model.classifier.weight.grad[[0, 2]].abs().sum() == 0
 
 
 def test_nystrom_attention_is_exact_with_one_landmark_per_token() -> None:

@@ -514,7 +514,7 @@ def separable(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Pat
     return root, labels, splits
 
 
-@pytest.mark.parametrize("architecture", ["zoommil", "abmil", "clam_sb", "transmil"])
+@pytest.mark.parametrize("architecture", ["zoommil", "abmil", "clam_sb", "clam_mb", "transmil"])
 def test_every_architecture_trains_evaluates_and_beats_chance(separable, tmp_path: Path, architecture: str) -> None:
     features_dir, labels, splits = separable
     run = tmp_path / "run"
@@ -525,7 +525,7 @@ def test_every_architecture_trains_evaluates_and_beats_chance(separable, tmp_pat
     assert result.exit_code == 0, result.output
     model, config = load_run(run)
     assert config.architecture == architecture and type(model).__module__.endswith(
-        {"zoommil": "zoommil", "abmil": "abmil", "clam_sb": "clam", "transmil": "transmil"}[architecture])
+        {"zoommil": "zoommil", "abmil": "abmil", "clam_sb": "clam", "clam_mb": "clam", "transmil": "transmil"}[architecture])
     # The baselines read the files' highest magnification; ZoomMIL the whole cascade.
     assert model.config.magnifications == (MAGS if architecture == "zoommil" else [10.0])
     metrics = evaluate_run(run, features_dir, labels, tmp_path / "eval", split="test")

@@ -197,7 +197,7 @@ def train_model(
         ``log.csv`` (one row per epoch) and ``train_summary.json``.
     architecture : str
         A registered model (:func:`~zoompipe.model.list_models`): ``zoommil``, ``abmil``,
-        ``clam_sb``, ``transmil``.
+        ``clam_sb``, ``clam_mb``, ``transmil``.
     splits_csv : path, optional
         CSV ``slide_id,split`` (train, val, test) naming the slides to use. Without it, a seeded
         ``n_folds``-fold split with test fold ``fold``, stratified by class and grouped by the

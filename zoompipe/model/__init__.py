@@ -1,4 +1,4 @@
-"""Slide classifiers (ZoomMIL, ABMIL, CLAM-SB, TransMIL) by name, their building blocks, run folders."""
+"""Slide classifiers (ZoomMIL, ABMIL, CLAM-SB and -MB, TransMIL) by name, their building blocks, run folders."""
 from zoompipe.model.attention import GatedAttention, masked_softmax
 from zoompipe.model.output import ModelOutput
 from zoompipe.model.registry import config_fields, create_model, list_models, model_class, register_model

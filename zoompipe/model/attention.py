@@ -14,6 +14,8 @@ class GatedAttention(nn.Module):
         Dimension L of the instance embeddings (512 in ZoomMIL).
     hidden : int
         Dimension of the gating layers V and U (256 in ZoomMIL).
+    branches : int
+        Rows of ``w``: one score per instance for each (CLAM-MB has one branch per class).
 
     Notes
     -----
@@ -22,11 +24,11 @@ class GatedAttention(nn.Module):
     instances for zooming, so the two steps are kept apart.
     """
 
-    def __init__(self, in_dim: int, hidden: int) -> None:
+    def __init__(self, in_dim: int, hidden: int, branches: int = 1) -> None:
         super().__init__()
         self.tanh_branch = nn.Sequential(nn.Linear(in_dim, hidden), nn.Tanh())
         self.gate_branch = nn.Sequential(nn.Linear(in_dim, hidden), nn.Sigmoid())
-        self.score = nn.Linear(hidden, 1)
+        self.score = nn.Linear(hidden, branches)
 
     def forward(self, h: Tensor) -> Tensor:
         """Score each instance.
@@ -39,9 +41,10 @@ class GatedAttention(nn.Module):
         Returns
         -------
         Tensor
-            Scores, shape (N,).
+            Scores, shape (N,) with one branch, (N, branches) with more.
         """
-        return self.score(self.tanh_branch(h) * self.gate_branch(h)).squeeze(-1)
+        scores = self.score(self.tanh_branch(h) * self.gate_branch(h))
+        return scores.squeeze(-1) if scores.shape[-1] == 1 else scores
 
 
 def masked_softmax(scores: Tensor, weights: Tensor | None = None) -> Tensor:

@@ -28,8 +28,10 @@ def instance_loss(heads: nn.ModuleList, h: Tensor, scores: Tensor, label: int, k
     h : Tensor
         Projected patches (N, hidden).
     scores : Tensor
-        Attention scores (N,), before the softmax; only their ranking is used (no gradient
-        flows to the attention through this loss, as in CLAM).
+        Attention scores before the softmax: (N,) from one branch, ranking the patches for
+        every class, or (N, n_classes) from one branch per class (CLAM-MB), each ranking them
+        for its class. Only the ranking is used (no gradient flows to the attention through this
+        loss, as in CLAM).
     label : int
         The slide's class.
     k_sample : int
@@ -43,9 +45,10 @@ def instance_loss(heads: nn.ModuleList, h: Tensor, scores: Tensor, label: int, k
     k = min(k_sample, len(h) // 2)
     if k == 0:
         return h.new_zeros(())
-    top, bottom = scores.topk(k).indices, (-scores).topk(k).indices
     losses = []
     for cls, head in enumerate(heads):
+        ranking = scores if scores.dim() == 1 else scores[:, cls]
+        top, bottom = ranking.topk(k).indices, (-ranking).topk(k).indices
         if cls == label:
             rows = torch.cat([top, bottom])
             targets = torch.cat([torch.ones(k), torch.zeros(k)]).long()
