@@ -8,6 +8,7 @@ import click
 
 from zoompipe.encoders.config import PRECISIONS
 from zoompipe.train_defaults import (
+    DEFAULT_CHILDREN_PER_PARENT,
     DEFAULT_K,
     DEFAULT_LEVEL_DROPOUT,
     DEFAULT_LR_PATIENCE,
@@ -86,6 +87,10 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
               help="With --teacher: weight of a pull of the last magnification's attention towards the teacher's "
                    "target, so that the attention heatmaps show sits on the evidence of every class; 0: the slide "
                    "label alone trains it.")
+@click.option("--children-per-parent", type=click.IntRange(min=0), default=DEFAULT_CHILDREN_PER_PARENT,
+              show_default=True,
+              help="ZoomMIL: at most this many of each zoom step's K patches among the children of one parent; "
+                   "1 spreads the K over K parents; 0: no limit (the paper's top-K).")
 @click.option("--max-grad-norm", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MAX_GRAD_NORM,
               help="Clip each step's gradient norm to this value.")
 @click.option("--warmup", type=click.FloatRange(min=0, max=1, max_open=True), default=DEFAULT_WARMUP,
@@ -140,8 +145,8 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
                    "model an unstopped run gives; its state is kept in OUT/resume/ after every epoch.")
 def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, architecture, magnifications, k, hidden,
                   attn_hidden, sigma, sigma_end, zoom_target_weight, level_dropout, zoom_target_sum, selection,
-                  teacher_instance_weight, teacher, teacher_target, attention_target_weight, max_grad_norm, warmup,
-                  epochs, lr, lr_patience, weight_decay, seed,
+                  teacher_instance_weight, teacher, teacher_target, attention_target_weight, children_per_parent, max_grad_norm,
+                  warmup, epochs, lr, lr_patience, weight_decay, seed,
                   split_seed, device, patience, cache, sparse, slides, cache_dir, encoder_weights, precision, runtime,
                   batch_size, workers, lookahead, explore_budget, cluster, backend, mask_dir, resume) -> None:
     """Train a model; keep the epoch with the best validation weighted F1.
@@ -167,7 +172,7 @@ def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, architect
                           zoom_target_sum=zoom_target_sum, selection=selection,
                           teacher_instance_weight=teacher_instance_weight, teacher=teacher,
                           teacher_target=teacher_target, attention_target_weight=attention_target_weight,
-                          max_grad_norm=max_grad_norm, warmup=warmup,
+                          children_per_parent=children_per_parent, max_grad_norm=max_grad_norm, warmup=warmup,
                           epochs=epochs, lr=lr, lr_patience=lr_patience, weight_decay=weight_decay, seed=seed,
                           split_seed=split_seed, device=device, patience=patience,
                           cache=cache, sparse=settings, resume=resume)

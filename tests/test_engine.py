@@ -42,9 +42,9 @@ def preprocessed(tmp_path_factory):
     return slide, root / "pre" / "features" / "lesion.h5"
 
 
-def _run(tmp_path, features_path, mags, seed=0, architecture="zoommil"):
+def _run(tmp_path, features_path, mags, seed=0, architecture="zoommil", **settings):
     torch.manual_seed(seed)
-    extra = {"k": K, "attn_hidden": 32} if architecture == "zoommil" else {}
+    extra = {"k": K, "attn_hidden": 32, **settings} if architecture == "zoommil" else {}
     model = create_model(architecture, in_dim=1280, n_classes=3, magnifications=mags, hidden=64, **extra)
     save_run(tmp_path / "run", model.eval(), architecture, ["a", "b", "c"], agreed_contract([features_path]))
     return tmp_path / "run", model
@@ -58,11 +58,12 @@ def _dense(model, features_path, mags):
         return model.eval()(bags, children), saved
 
 
-@pytest.mark.parametrize("architecture, mags", [("zoommil", CASCADE), ("abmil", [10.0]), ("clam_sb", [2.5]),
-                                                ("clam_mb", [10.0]), ("transmil", [5.0])])
-def test_predict_on_raw_slide_equals_model_on_dense_features(preprocessed, tmp_path, architecture, mags):
+@pytest.mark.parametrize("architecture, mags, settings", [
+    ("zoommil", CASCADE, {}), ("zoommil", CASCADE, {"children_per_parent": 1}), ("abmil", [10.0], {}),
+    ("clam_sb", [2.5], {}), ("clam_mb", [10.0], {}), ("transmil", [5.0], {})])
+def test_predict_on_raw_slide_equals_model_on_dense_features(preprocessed, tmp_path, architecture, mags, settings):
     slide, features_path = preprocessed
-    run, model = _run(tmp_path, features_path, mags, architecture=architecture)
+    run, model = _run(tmp_path, features_path, mags, architecture=architecture, **settings)
     dense, saved = _dense(model, features_path, mags)
     # The features' precision: "auto" would take bf16 on a CPU with native bf16.
     prediction = ZoomPredictor(run, workers=2, precision="fp32").predict(slide)
@@ -75,6 +76,9 @@ def test_predict_on_raw_slide_equals_model_on_dense_features(preprocessed, tmp_p
         np.testing.assert_allclose(report.attention, dense.attention[step].numpy(), atol=1e-4)
         if step < len(dense.selected):
             np.testing.assert_array_equal(report.rows[report.selected], dense.selected[step].numpy())
+    if settings.get("children_per_parent") == 1:  # each patch chosen at 2.5x under its own parent
+        parents = saved.grids[1].parent[dense.selected[1].numpy()]
+        assert len(dense.selected[1]) == len(dense.selected[0]) == len(set(parents.tolist()))
     if len(mags) == 1:  # a model on one magnification sees every patch there that training saw
         assert prediction.magnifications[0].patches_embedded == len(saved.grids[0])
 

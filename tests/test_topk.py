@@ -1,10 +1,11 @@
 """Perturbed top-K: the Monte-Carlo Jacobian is the full outer product, checked numerically."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from zoompipe.model.topk import PerturbedTopK, PerturbedTopKFunction, topk_indices
+from zoompipe.model.topk import PerturbedTopK, PerturbedTopKFunction, selectable_count, topk_indices
 
 N, K, SIGMA = 6, 2, 0.05
 
@@ -18,13 +19,14 @@ def _problem(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return scores, weight
 
 
-def _finite_difference(scores: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _finite_difference(scores: torch.Tensor, weight: torch.Tensor, groups: torch.Tensor | None = None,
+                       per_group: int = 0) -> torch.Tensor:
     """Central differences of F(a) = E[<W, Y(a + sigma Z)>], all evaluated on the same noise
     (common random numbers), so that only samples whose selection changes contribute."""
     noise = torch.randn(400_000, N, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
     def smoothed(a: torch.Tensor) -> torch.Tensor:
-        selected = topk_indices(a + SIGMA * noise, K)  # (S, K)
+        selected = topk_indices(a + SIGMA * noise, K, groups, per_group)  # (S, K)
         return weight[torch.arange(K), selected].sum(dim=-1).mean()
 
     eps = 0.1 * SIGMA
@@ -93,3 +95,38 @@ def test_k_is_capped_and_masked_entries_are_never_selected() -> None:
     (selector * torch.randn(1, 3, 8)).sum().backward()
     assert torch.isfinite(scores.grad).all()
     assert float(scores.grad[~mask].abs().sum()) == 0.0
+
+
+def test_top_k_per_group_is_each_groups_best_then_the_best_of_those() -> None:
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(50, 12, generator=gen)
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 3, 3])
+    for per_group, k in [(1, 3), (1, 4), (2, 5), (3, 7)]:
+        got = topk_indices(scores, k, groups, per_group)
+        for row, chosen in zip(scores, got):
+            kept = [int(i) for g in range(4) for i in (groups == g).nonzero().flatten()[
+                row[groups == g].argsort(descending=True)[:per_group]]]
+            expected = sorted(sorted(kept, key=lambda i: -float(row[i]))[:k])
+            assert chosen.tolist() == expected
+    mask = torch.tensor([[True] * 8 + [True, False, False, False]])
+    # Groups 0 and 1 give two each, group 2 one, group 3 none.
+    assert selectable_count(mask, groups, 2) == 5 and selectable_count(mask, groups, 0) == 9
+    select = PerturbedTopK(n_samples=64, sigma=0.5).train()
+    selector = select(scores[:1].requires_grad_(), 8, mask, None, groups, 1)
+    assert selector.shape == (1, 3, 12)  # one from each group that has a selectable entry
+    taken = selector.detach()[0].sum(dim=0)
+    assert float(taken[~mask[0]].sum()) == 0.0
+    for g in range(3):  # every noise sample took one entry of each group
+        assert float(taken[groups == g].sum()) == pytest.approx(1.0)
+
+
+def test_backward_with_a_limit_per_group_matches_finite_differences() -> None:
+    # Stein's lemma holds for any selection rule of the perturbed scores, this one too.
+    scores, weight = _problem(seed=4)
+    groups, per_group = torch.tensor([0, 0, 0, 1, 1, 1]), 1
+    reference = _finite_difference(scores, weight, groups, per_group)
+    torch.manual_seed(5)
+    a = scores[None].clone().requires_grad_()
+    selector = PerturbedTopKFunction.apply(a, K, 200_000, SIGMA, None, groups, per_group)
+    (selector[0] * weight).sum().backward()
+    assert _relative_error(a.grad[0], reference) < 0.05

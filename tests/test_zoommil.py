@@ -91,11 +91,11 @@ def _model(mags: list[float] = MAGS, seed: int = 0, **kwargs) -> ZoomMIL:
 def _hand_fetch(bags, children, calls):
     """A fetch written the slow, obvious way, as a predictor would: loop over parents."""
 
-    def fetch(step: int, parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def fetch(step: int, parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         calls.append((step, parents.clone()))
-        rows = [int(r) for p in parents.tolist() for r in children[step][p] if r >= 0]
-        rows = torch.tensor(rows, dtype=torch.long)
-        return bags[step + 1][rows], rows
+        pairs = [(i, int(r)) for i, p in enumerate(parents.tolist()) for r in children[step][p] if r >= 0]
+        parent, rows = (torch.tensor(column, dtype=torch.long) for column in zip(*pairs))
+        return bags[step + 1][rows], rows, parent
 
     return fetch
 
@@ -176,6 +176,33 @@ def test_soft_path_tends_to_the_hard_path_and_trains_the_zoom_heads() -> None:
     model.select.sigma = 0.1
     logits = model(bags, children).logits
     torch.nn.functional.cross_entropy(logits[None], torch.tensor([label])).backward()
+    for level in model.levels[:2]:
+        assert level.zoom.score.weight.grad.abs().sum() > 0
+
+
+def test_one_child_per_parent_spreads_the_zoom_over_the_chosen_parents() -> None:
+    bags, children, label = make_slides(1, seed=3)[0]
+    model = _model(dropout=0.0, level_dropout=0.0, children_per_parent=1).eval()
+    out = model(bags, children)
+    parents, scores, rows = out.selected[0], out.selection_scores[1].detach(), out.rows[1]
+    # By hand: the best-scored child of each chosen 1.25x parent, then the K best of those.
+    best = [max((int(c) for c in children[0][p] if c >= 0), key=lambda c: float(scores[rows == c]))
+            for p in parents.tolist()]
+    expected = sorted(sorted(best, key=lambda c: -float(scores[rows == c]))[:4])
+    assert out.selected[1].tolist() == expected and len(expected) == 4
+    free = _model(dropout=0.0, level_dropout=0.0).eval()
+    free.load_state_dict(model.state_dict())
+    assert not torch.equal(free(bags, children).selected[1], out.selected[1])  # the cap changed the choice
+    calls: list = []
+    lazy = model.infer(bags[0], _hand_fetch(bags, children, calls))
+    for a, b in zip(lazy.selected + [lazy.logits], out.selected + [out.logits]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # Training: as sigma vanishes the soft path is the capped hard path, and the heads learn.
+    model.train()
+    model.select.sigma = 1e-7
+    torch.testing.assert_close(model(bags, children).logits, out.logits)
+    model.select.sigma = 0.1
+    torch.nn.functional.cross_entropy(model(bags, children).logits[None], torch.tensor([label])).backward()
     for level in model.levels[:2]:
         assert level.zoom.score.weight.grad.abs().sum() > 0
 

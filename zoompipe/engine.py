@@ -106,7 +106,7 @@ class ZoomPredictor:
         return list(self.config.class_names)
 
     def _descend(self, layout: list[PatchGrid], level: int, rows: np.ndarray,
-                 target: float) -> tuple[PatchGrid, np.ndarray]:
+                 target: float) -> tuple[PatchGrid, np.ndarray, np.ndarray]:
         """The descendants of ``rows`` of ``layout[level]`` at magnification ``target``.
 
         ``layout`` is the slide's cascade as preprocessing lays it out
@@ -116,13 +116,17 @@ class ZoomPredictor:
 
         Returns
         -------
-        PatchGrid, ndarray
-            The descendants, and their ascending rows in the layout's grid at ``target``.
+        PatchGrid, ndarray, ndarray
+            The descendants, their ascending rows in the layout's grid at ``target``, and for
+            each the position in ``rows`` (ascending) of the patch it descends from.
         """
+        origin = np.arange(len(rows))
         while layout[level].magnification < target:
             level += 1
-            rows = np.flatnonzero(np.isin(layout[level].parent, rows))
-        return layout[level].take(rows), rows
+            parent = layout[level].parent
+            below = np.flatnonzero(np.isin(parent, rows))
+            origin, rows = origin[np.searchsorted(rows, parent[below])], below
+        return layout[level].take(rows), rows, origin
 
     def _embed(self, slide: Slide, grid: PatchGrid, desc: str | None) -> torch.Tensor:
         features = embed_patches(slide, grid.coords, grid.mpp, grid.patch_size, self.encoder,
@@ -175,14 +179,14 @@ class ZoomPredictor:
         # Rows of each embedded grid in the layout, ascending (see _descend), so that a layout
         # row maps to its position in the embedded grid by binary search.
         levels = [self.grid_magnifications.index(m) for m in mags]
-        first, first_rows = self._descend(layout, 0, np.arange(len(layout[0])), mags[0])
+        first, first_rows, _ = self._descend(layout, 0, np.arange(len(layout[0])), mags[0])
         global_rows = [first_rows]
         h0 = embed_at(first)
 
-        def fetch(step: int, parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            child, child_rows = self._descend(layout, levels[step], parents.numpy(), mags[step + 1])
+        def fetch(step: int, parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            child, child_rows, origin = self._descend(layout, levels[step], parents.numpy(), mags[step + 1])
             global_rows.append(child_rows)
-            return embed_at(child), torch.from_numpy(child_rows)
+            return embed_at(child), torch.from_numpy(child_rows), torch.from_numpy(origin)
 
         def zoomable(step: int, rows: torch.Tensor) -> torch.Tensor:
             return torch.from_numpy(_has_descendants(layout, levels[step], levels[step + 1])[rows.numpy()])

@@ -37,6 +37,7 @@ from zoompipe.model import config_fields, create_model, model_class, save_run
 from zoompipe.resume import Best, TrainingState, clear_state, fingerprint, load_state, save_state
 from zoompipe.run_config import WEIGHTS_NAME
 from zoompipe.train_defaults import (
+    DEFAULT_CHILDREN_PER_PARENT,
     DEFAULT_K,
     DEFAULT_LEVEL_DROPOUT,
     DEFAULT_LR_PATIENCE,
@@ -182,6 +183,7 @@ def train_model(
     teacher: str | os.PathLike | None = None,
     teacher_target: str = DEFAULT_TEACHER_TARGET,
     attention_target_weight: float = 0.0,
+    children_per_parent: int = DEFAULT_CHILDREN_PER_PARENT,
     resume: bool = False,
 ) -> dict[str, Any]:
     """Train a model and keep the checkpoint with the best validation weighted F1.
@@ -283,6 +285,9 @@ def train_model(
         ZoomMIL with ``teacher``: weight of the pull of the last magnification's attention
         towards the teacher's target (``ZoomMILConfig.attention_target_weight``), so that the
         attention heatmaps show sits on the evidence of every class; 0 leaves it to the label.
+    children_per_parent : int
+        ZoomMIL: at most this many of each zoom step's K patches among the children of one
+        parent (``ZoomMILConfig.children_per_parent``); 0: no limit.
     resume : bool
         Go on from the last finished epoch of a stopped run in ``out_dir`` (its state is kept
         after every epoch, :mod:`zoompipe.resume`), to the model an unstopped run would give;
@@ -373,7 +378,8 @@ def train_model(
     hyper = {"k": k, "hidden": hidden, "attn_hidden": attn_hidden, "sigma": sigma,
              "zoom_target_weight": zoom_target_weight, "level_dropout": level_dropout,
              "zoom_target_sum": zoom_target_sum, "selection": selection,
-             "teacher_instance_weight": teacher_instance_weight, "attention_target_weight": attention_target_weight}
+             "teacher_instance_weight": teacher_instance_weight, "attention_target_weight": attention_target_weight,
+             "children_per_parent": children_per_parent}
     fields = config_fields(architecture)
     model = create_model(architecture, in_dim=in_dim, n_classes=len(class_names), magnifications=mags,
                          **{name: value for name, value in hyper.items() if name in fields}).to(device)

@@ -60,3 +60,7 @@ DEFAULT_SELECTION = "soft"
 #: attention and 0.974 with the evidence (README, "Where the attention looks").
 TEACHER_TARGETS = ("attention", "evidence")
 DEFAULT_TEACHER_TARGET = "evidence"
+
+#: At most this many of a zoom step's K patches among one parent's children
+#: (``ZoomMILConfig.children_per_parent``); 0: the paper's top-K over the whole zoomed bag.
+DEFAULT_CHILDREN_PER_PARENT = 0

@@ -6,11 +6,12 @@ weighted, is the model's ``aux_loss``: it shapes the attention into class eviden
 
 CLAM-SB pools with one attention for every class. CLAM-MB gives each class its own attention
 branch and its own pooled vector, scored by that class's row of the classifier; its heatmap is
-the predicted class's branch. One attention shared by the classes may decide a class by what is
-missing: on the zoom benchmark's three-grade cohort, ABMIL 10x and CLAM-SB 10x put 96-98% of
-their attention inside the lesions of normal slides and 2% inside those of malignant ones
-(``benchmarks/lesion_attention.py``), so their heatmaps of the class that matters most point
-away from it.
+the predicted class's branch, as in CLAM's. On the zoom benchmark's three-grade cohort, where one
+shared attention decides malignant slides by what is missing (ABMIL 10x and CLAM-SB 10x: 96-98%
+of the attention inside the lesions of normal slides, 2% inside those of malignant ones), the
+branches did not put it back on the lesions: 77% / 4% / 2% for normal / atypical / malignant,
+and a mean best validation weighted F1 of 0.85 against ABMIL's 0.98 at the same settings
+(15 runs, README "The models").
 """
 from __future__ import annotations
 
