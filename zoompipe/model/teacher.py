@@ -89,7 +89,10 @@ def teacher_evidence(teacher: ABMIL) -> TeacherMass:
         z = teacher.project(bag)
         log_patch = torch.log_softmax(teacher.classifier(z), dim=1)
         log_bag = torch.log_softmax(teacher.classifier(z.mean(dim=0)), dim=0)
-        divergence = (log_patch.exp() * (log_patch - log_bag)).sum(dim=1)
+        # A KL divergence is >= 0, but a patch whose posterior is the bag's can come out a
+        # rounding error below it (it did with torch 2.11 on a GPU machine's CPU), and a
+        # negative mass makes every KL term against it NaN.
+        divergence = (log_patch.exp() * (log_patch - log_bag)).sum(dim=1).clamp_min(0)
         return divergence / divergence.sum().clamp_min(1e-12)
 
     return evidence
