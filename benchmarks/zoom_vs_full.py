@@ -84,6 +84,7 @@ from zoompipe.slide import open_slide
 from zoompipe.tiling import tile_slide
 from zoompipe.train import train_model
 from zoompipe.train_defaults import (
+    DEFAULT_CHILDREN_PER_PARENT,
     DEFAULT_LEVEL_DROPOUT,
     DEFAULT_LR_PATIENCE,
     DEFAULT_SELECTION,
@@ -252,10 +253,11 @@ def train_fold(method: Method, fold_csv: Path, features: Path, labels_csv: Path,
 def same_run(summary: dict[str, Any], run_splits: Path, fold_csv: Path, settings: dict[str, Any]) -> bool:
     """Whether a finished run was trained on the split of ``fold_csv`` with ``settings``."""
     # ZoomMIL runs from before level dropout and the selection choice were trained without
-    # dropout, with soft selection, without the teacher's instance loss and without a warm-up;
-    # every run from before lr_patience, with a patience of 5.
+    # dropout, with soft selection, without the teacher's instance loss, without a warm-up and
+    # with no limit of children per parent; every run from before lr_patience, with a patience of 5.
     older = ({"level_dropout": 0.0, "selection": "soft", "zoom_target_sum": True, "teacher_instance_weight": 0.0,
-              "warmup": 0.0} if summary["architecture"] == "zoommil" else {}) | {"lr_patience": 5}
+              "warmup": 0.0, "children_per_parent": 0} if summary["architecture"] == "zoommil" else {}
+             ) | {"lr_patience": 5}
     teacher = summary.get("teacher", {})
     # A teacher is compared as the file it is, so that runs linked in from another folder count.
     recorded = {**older, **summary["model"], **summary["training"],
@@ -532,6 +534,8 @@ def main() -> None:
                         help="ZoomMIL: weight of CLAM's instance loss on the zoom target's teacher")
     parser.add_argument("--warmup", type=float, default=DEFAULT_WARMUP,
                         help="the zooming models' fraction of the epochs on the zoom target alone")
+    parser.add_argument("--children-per-parent", type=int, default=DEFAULT_CHILDREN_PER_PARENT,
+                        help="the zooming models' limit of a zoom step's K among one parent's children (0: none)")
     parser.add_argument("--abmil-teacher", action="store_true",
                         help="ZoomMIL 1.25x->2.5x->10x learns where to zoom from the fold's ABMIL 10x run of its width "
                              "(--hidden), the one of that width chosen on validation (zoompipe train --teacher); "
@@ -570,7 +574,8 @@ def main() -> None:
     fixed = {"epochs": args.epochs, "attn_hidden": args.attn_hidden, "hidden": args.hidden,
              "level_dropout": args.level_dropout, "zoom_target_weight": args.zoom_target_weight,
              "selection": args.selection, "zoom_target_sum": args.zoom_target_sum,
-             "teacher_instance_weight": args.teacher_instance_weight, "warmup": args.warmup, "teacher": None,
+             "teacher_instance_weight": args.teacher_instance_weight, "warmup": args.warmup,
+             "children_per_parent": args.children_per_parent, "teacher": None,
              "device": args.device}
     predict_options = ["--workers", str(args.workers), "--device", args.device, "--precision", args.precision]
     per_fold: dict[str, list[dict]] = {m.name: [] for m in METHODS}
@@ -655,7 +660,7 @@ def main() -> None:
         "level_dropout": args.level_dropout, "zoom_target_weight": args.zoom_target_weight,
         "selection": args.selection, "zoom_target_sum": args.zoom_target_sum,
         "teacher_instance_weight": args.teacher_instance_weight, "warmup": args.warmup,
-        "abmil_teacher": args.abmil_teacher, "teacher_target": args.teacher_target if args.abmil_teacher else None,
+        "children_per_parent": args.children_per_parent, "abmil_teacher": args.abmil_teacher, "teacher_target": args.teacher_target if args.abmil_teacher else None,
         "attention_target_weight": args.attention_target_weight if args.abmil_teacher else None,
         "encoder": PreprocessConfig().encoder,
         "precision": args.precision, "encoder_gflops_per_patch": gflops,

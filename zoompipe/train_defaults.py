@@ -62,5 +62,9 @@ TEACHER_TARGETS = ("attention", "evidence")
 DEFAULT_TEACHER_TARGET = "evidence"
 
 #: At most this many of a zoom step's K patches among one parent's children
-#: (``ZoomMILConfig.children_per_parent``); 0: the paper's top-K over the whole zoomed bag.
-DEFAULT_CHILDREN_PER_PARENT = 0
+#: (``ZoomMILConfig.children_per_parent``); 0: the paper's top-K over the whole zoomed bag. The
+#: rule was written down before the runs that decided it (README, "One child per parent"): 1
+#: becomes the default if, over 15 new runs of the 40-slide benchmark (folds 0-4 x seeds 3-5,
+#: K = N/8, evidence teacher), its mean best validation loss is lower and its mean best validation
+#: weighted F1 not lower than without the limit. It was: 0.140 against 0.187, 0.973 against 0.964.
+DEFAULT_CHILDREN_PER_PARENT = 1

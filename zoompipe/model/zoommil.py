@@ -179,8 +179,9 @@ class ZoomMILConfig:
         children of one parent, in training's noise samples and at inference alike. A zoom head
         left free fills its K with the children of the parents over the largest lesions (on the
         zoom benchmark's cohort it lost 11 lesions, 6 of them with all K on other lesions); 1
-        spreads the K over as many parents. 0, the default and that of runs recorded before this
-        field, is the paper's top-K over the whole zoomed bag.
+        spreads the K over as many parents. 0, the default here so that a run recorded before
+        this field loads as it was trained, is the paper's top-K over the whole zoomed bag
+        (``train_model`` passes ``train_defaults.DEFAULT_CHILDREN_PER_PARENT``).
     """
 
     in_dim: int
