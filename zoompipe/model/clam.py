@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from zoompipe.model.attention import GatedAttention, masked_softmax
@@ -51,48 +50,48 @@ class CLAMConfig(BagConfig):
                              f"{self.instance_weight}")
 
 
-@register_model("clam_sb")
-class CLAMSB(BagModel):
-    """CLAM, single attention branch."""
+class _CLAM(BagModel):
+    """What both CLAM variants share: gated attention with ``branches`` scores per patch, a
+    classifier row per class, and the instance loss (training only) on the attention scores."""
 
     config_class = CLAMConfig
 
-    def __init__(self, config: CLAMConfig) -> None:
+    def __init__(self, config: CLAMConfig, branches: int) -> None:
         super().__init__(config)
-        self.attention = GatedAttention(config.hidden, config.attn_hidden)
+        self.attention = GatedAttention(config.hidden, config.attn_hidden, branches=branches)
         self.classifier = nn.Linear(config.hidden, config.n_classes)
         self.instance_classifiers = instance_classifiers(config.hidden, config.n_classes)
+
+    def _instance_loss(self, h: Tensor, scores: Tensor, label: int | None) -> Tensor | None:
+        if not self.training or label is None:
+            return None
+        return self.config.instance_weight * instance_loss(
+            self.instance_classifiers, h, scores, int(label), self.config.k_sample)
+
+
+@register_model("clam_sb")
+class CLAMSB(_CLAM):
+    """CLAM, single attention branch."""
+
+    def __init__(self, config: CLAMConfig) -> None:
+        super().__init__(config, branches=1)
 
     def classify(self, h: Tensor, label: int | None) -> tuple[Tensor, Tensor, Tensor | None]:
         scores = self.attention(h)
         attention = masked_softmax(scores)
-        logits = self.classifier(attention @ h)
-        aux = None
-        if self.training and label is not None:
-            aux = self.config.instance_weight * instance_loss(
-                self.instance_classifiers, h, scores, int(label), self.config.k_sample)
-        return logits, attention, aux
+        return self.classifier(attention @ h), attention, self._instance_loss(h, scores, label)
 
 
 @register_model("clam_mb")
-class CLAMMB(BagModel):
-    """CLAM, one attention branch per class."""
-
-    config_class = CLAMConfig
+class CLAMMB(_CLAM):
+    """CLAM, one attention branch per class; row c of the classifier scores class c's own pooled
+    vector (CLAM's one bag classifier per class)."""
 
     def __init__(self, config: CLAMConfig) -> None:
-        super().__init__(config)
-        self.attention = GatedAttention(config.hidden, config.attn_hidden, branches=config.n_classes)
-        # Row c scores class c's own pooled vector (CLAM's one bag classifier per class).
-        self.classifier = nn.Linear(config.hidden, config.n_classes)
-        self.instance_classifiers = instance_classifiers(config.hidden, config.n_classes)
+        super().__init__(config, branches=config.n_classes)
 
     def classify(self, h: Tensor, label: int | None) -> tuple[Tensor, Tensor, Tensor | None]:
         scores = self.attention(h)
         attention = masked_softmax(scores).T  # (n_classes, N)
         logits = (attention @ h * self.classifier.weight).sum(dim=1) + self.classifier.bias
-        aux = None
-        if self.training and label is not None:
-            aux = self.config.instance_weight * instance_loss(
-                self.instance_classifiers, h, scores, int(label), self.config.k_sample)
-        return logits, attention[int(logits.argmax())], aux
+        return logits, attention[int(logits.argmax())], self._instance_loss(h, scores, label)
