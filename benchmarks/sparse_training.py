@@ -56,7 +56,7 @@ from zoompipe.preprocess import PreprocessConfig, preprocess_slides  # noqa: E40
 from zoompipe.sparse import SparseSettings  # noqa: E402
 from zoompipe.synthetic import write_cohort  # noqa: E402
 from zoompipe.train import train_model  # noqa: E402
-from zoompipe.train_defaults import DEFAULT_LR_PATIENCE, DEFAULT_WARMUP  # noqa: E402
+from zoompipe.train_defaults import DEFAULT_CHILDREN_PER_PARENT, DEFAULT_LR_PATIENCE, DEFAULT_WARMUP  # noqa: E402
 
 CASCADE = [1.25, 2.5, 10.0]
 
@@ -89,6 +89,11 @@ def scaled_dense_seconds(slides: list[str], features: Path, out: Path, args: arg
     return seconds * total / done
 
 
+def with_limit(settings: dict) -> dict:
+    """A fold's recorded settings; folds run before the per-parent limit existed had none (0)."""
+    return {"children_per_parent": 0, **settings}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench_sparse"))
@@ -115,6 +120,8 @@ def main() -> None:
     parser.add_argument("--dense-from", type=Path, default=None,
                         help="take each fold's dense result from this earlier output folder, where it was run "
                              "with the same settings (dense training does not depend on the sparse ones)")
+    parser.add_argument("--children-per-parent", type=int, default=DEFAULT_CHILDREN_PER_PARENT,
+                        help="children a zoom step may take from one parent (0: no limit) [default: the training default]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--workers", type=int, default=2)
@@ -140,7 +147,7 @@ def main() -> None:
         features = {"dense": out / "dense" / "features", "sparse": out / "base" / "features"}
     settings = dict(k=args.k, hidden=args.hidden, attn_hidden=args.hidden // 2, epochs=args.epochs, lr=args.lr,
                     lr_patience=args.lr_patience, seed=args.seed, zoom_target_weight=args.zoom_target_weight,
-                    warmup=args.warmup, progress=False)
+                    warmup=args.warmup, children_per_parent=args.children_per_parent, progress=False)
     labels = read_labels(labels_csv)
     # Through JSON, so that it compares equal to the settings read back from a fold's file.
     recorded = json.loads(json.dumps({**settings, "precision": args.precision, "cascade": CASCADE}))
@@ -157,7 +164,7 @@ def main() -> None:
         result: dict = {"fold": fold}
         if args.dense_from:
             earlier = json.loads((args.dense_from / "folds" / f"fold{fold}.json").read_text())
-            if {k: v for k, v in recorded.items() if k != "explore_budget"} != earlier["settings"]:
+            if {k: v for k, v in recorded.items() if k != "explore_budget"} != with_limit(earlier["settings"]):
                 raise SystemExit(f"{args.dense_from}: fold {fold} was run with other settings")
             result["dense"] = earlier["dense"]
         for method in ("sparse",) if args.dense_from else ("dense", "sparse"):
@@ -184,7 +191,7 @@ def main() -> None:
     # Folds run by earlier invocations with the same settings count too, so folds can run apart.
     for path in sorted((out / "folds").glob("fold*.json")):
         saved = json.loads(path.read_text())
-        if saved.pop("settings") == recorded:
+        if with_limit(saved.pop("settings")) == recorded:
             folds.append(saved)
     folds.sort(key=lambda f: f["fold"])
 

@@ -36,6 +36,7 @@ import zoompipe.model.topk as topk
 import zoompipe.model.zoommil as zoommil
 import zoompipe.train as train
 from zoompipe.dataset import read_bags, read_splits
+from zoompipe.train_defaults import DEFAULT_CHILDREN_PER_PARENT
 
 
 def record_rows(seen: dict[tuple[int, int], set[int]]) -> None:
@@ -122,6 +123,8 @@ def main() -> None:
     parser.add_argument("--attn-hidden", type=int, default=64)
     parser.add_argument("--level-dropout", type=float, default=None, help="[default: the training default]")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--children-per-parent", type=int, default=DEFAULT_CHILDREN_PER_PARENT,
+                        help="children a zoom step may take from one parent (0: no limit) [default: the training default]")
     parser.add_argument("--min-share", type=float, default=0.0, help="simulated pruning of rare parents (0: none)")
     parser.add_argument("--explore", type=float, default=0.0,
                         help="simulated exploration limit: the base step's noise reaches explored patches and the "
@@ -156,11 +159,11 @@ def main() -> None:
         summary = train.train_model(args.features, args.labels, run, architecture="zoommil", splits_csv=args.splits,
                                     magnifications=args.magnifications, k=args.k, lr=args.lr, epochs=args.epochs,
                                     hidden=args.hidden, attn_hidden=args.attn_hidden, seed=args.seed,
-                                    progress=False, **extra)
+                                    children_per_parent=args.children_per_parent, progress=False, **extra)
     names = [f"{m:g}x" for m in args.magnifications]
     print(f"{len(ids)} training slides; dense rows {dict(zip(names, dense))} = {sum(dense)}; "
           f"best validation weighted F1 {summary['best_val_f1']:.3f} (epoch {summary['best_epoch']}); "
-          f"min share {args.min_share:g}; explore {args.explore:g}; budget {args.budget:g}")
+          f"children per parent {args.children_per_parent}; min share {args.min_share:g}; explore {args.explore:g}; budget {args.budget:g}")
     print(f"{'epoch':>5s} " + " ".join(f"{n:>9s}" for n in names[1:]) + f" {'base+union':>11s} {'dense/that':>10s}")
     for epoch, counts in enumerate(history, 1):
         total = dense[0] + sum(counts.values())
