@@ -240,6 +240,18 @@ def test_bad_cluster_specs_are_usage_errors(text, slides, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("command", ["preprocess", "predict"])
+def test_a_cluster_without_dask_installed_is_a_usage_error(command, slides, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "distributed", None)  # what `import distributed` sees without the extra
+    monkeypatch.delitem(sys.modules, "zoompipe.cluster")
+    result = CliRunner().invoke(cli, [command, str(slides[0]), "--out", str(tmp_path / "o"), "--cluster", "local:1"])
+    assert result.exit_code == 2, result.output
+    # predict says first that it uses the demo model; then one line, no traceback
+    error = [line for line in result.output.splitlines() if "error" in line or "Traceback" in line]
+    assert error == ["error: --cluster needs Dask (distributed is not installed): pip install 'zoompipe[cluster]'"]
+    assert not (tmp_path / "o").exists()
+
+
 def test_cluster_specs():
     assert parse_cluster("local:2") == ClusterSpec(workers=2)
     assert parse_cluster("local:1x2") == ClusterSpec(workers=1, threads=2)
