@@ -25,6 +25,11 @@ from zoompipe.train import train_model
 
 CASCADE = [2.5, 5.0, 10.0]
 PATCH = 64
+#: The runtime is named, not left to "auto" (which picks per machine): the runs are compared bit
+#: for bit, and OpenVINO's CPU features of a patch do not depend on the batch it is embedded in,
+#: while torch's oneDNN convolutions differ in the last bits between batch shapes, and sparse
+#: training embeds other batches than preprocessing.
+ENCODER = dict(precision="fp32", runtime="openvino")
 #: Small and seeded; the same for the dense and the sparse run.
 TRAINING = dict(k=1, hidden=32, attn_hidden=16, epochs=3, lr=1e-3, seed=3, progress=False)
 
@@ -40,7 +45,7 @@ def cohort(tmp_path_factory) -> Path:
         write_synthetic_slide(slides[-1], 1600, 1200, mpp=0.5, seed=30 + i,
                               layout=dict(n_lesions=1, grade=2 * (i % 2)))
     for name, mags in (("dense", CASCADE), ("base", CASCADE[:1])):
-        config = PreprocessConfig(magnifications=mags, patch_size=PATCH, precision="fp32")
+        config = PreprocessConfig(magnifications=mags, patch_size=PATCH, **ENCODER)
         assert {r.status for r in preprocess_slides(slides, root / name, config, progress=False)} == {"ok"}
     (root / "labels.csv").write_text("slide_id,label\n" + "".join(f"s{i},{'ab'[i % 2]}\n" for i in range(6)))
     (root / "splits.csv").write_text(
@@ -68,7 +73,7 @@ def runs(cohort) -> tuple[dict, dict]:
     """Dense and sparse training with the paper's loss (no zoom target), one seed; the sparse run
     embeds ahead (lookahead 1), so that everything checked of it holds with embedding ahead too."""
     dense = _train(cohort, "dense_run", zoom_target_weight=0.0)
-    sparse = _train(cohort, "sparse_run", SparseSettings(precision="fp32", lookahead=1), zoom_target_weight=0.0)
+    sparse = _train(cohort, "sparse_run", SparseSettings(**ENCODER, lookahead=1), zoom_target_weight=0.0)
     return dense, sparse
 
 
@@ -160,7 +165,7 @@ def test_rows_embedded_ahead_are_known_only_once_a_step_asks_for_them() -> None:
 def test_embedding_ahead_trains_the_same_model(cohort) -> None:
     # With the zoom target, whose teacher reads every row known so far: rows embedded ahead that
     # no step asked for must not reach it, or embedding ahead would change the model.
-    runs = {n: _train(cohort, f"ahead_{n}", SparseSettings(precision="fp32", lookahead=n,
+    runs = {n: _train(cohort, f"ahead_{n}", SparseSettings(**ENCODER, lookahead=n,
                                                            cache_dir=str(cohort / f"ahead_{n}_cache")))
             for n in (0, 2)}
     assert _log(cohort / "ahead_2") == _log(cohort / "ahead_0")
@@ -214,7 +219,7 @@ def test_a_budget_allows_the_first_of_the_cover_among_patches_with_children() ->
 
 def test_an_exploration_budget_caps_the_base_patches_explored(cohort, runs) -> None:
     budget = 0.2
-    summary = _train(cohort, "budget", SparseSettings(precision="fp32", explore_budget=budget), epochs=4)
+    summary = _train(cohort, "budget", SparseSettings(**ENCODER, explore_budget=budget), epochs=4)
     assert summary["sparse"]["explore_budget"] == budget
     fewer = 0
     for i in range(4):  # the training slides; validation's hard top-K reads K parents, as always
@@ -230,7 +235,7 @@ def test_an_exploration_budget_caps_the_base_patches_explored(cohort, runs) -> N
 
 def test_children_embedded_by_cluster_workers_train_the_same_model(cohort, runs) -> None:
     # One worker process builds the encoder and embeds every child, in the steps and ahead.
-    report = _train(cohort, "on_cluster", SparseSettings(precision="fp32", cluster="local:1", lookahead=1,
+    report = _train(cohort, "on_cluster", SparseSettings(**ENCODER, cluster="local:1", lookahead=1,
                                                          cache_dir=str(cohort / "on_cluster_cache")),
                     zoom_target_weight=0.0)["sparse"]
     assert _log(cohort / "on_cluster") == _log(cohort / "sparse_run")
@@ -254,7 +259,7 @@ def test_with_every_child_cached_the_zoom_target_is_the_dense_one(cohort) -> Non
     shutil.copytree(cohort / "dense" / "features", full)
     settings = dict(epochs=2, zoom_target_weight=1.0)
     _train(cohort, "dense_target", **settings)
-    report = _train(cohort, "sparse_target", SparseSettings(precision="fp32", cache_dir=full), **settings)["sparse"]
+    report = _train(cohort, "sparse_target", SparseSettings(**ENCODER, cache_dir=full), **settings)["sparse"]
     assert all(set(epoch) == {"epoch"} for epoch in report["per_epoch"])
     assert _log(cohort / "sparse_target") == _log(cohort / "dense_target")
     a, b = _weights(cohort / "dense_target"), _weights(cohort / "sparse_target")
@@ -337,7 +342,7 @@ def test_a_stopped_sparse_run_resumes_with_its_cache_to_the_same_model(cohort, r
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    settings = SparseSettings(precision="fp32", cache_dir=str(cohort / "resumed_cache"), lookahead=1)
+    settings = SparseSettings(**ENCODER, cache_dir=str(cohort / "resumed_cache"), lookahead=1)
     monkeypatch.setattr(zoompipe.train, "predict_logits", dies_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         _train(cohort, "resumed", settings, zoom_target_weight=0.0)
