@@ -39,16 +39,16 @@ from typing import Any, Callable, Iterator, Sequence
 from tqdm import tqdm
 
 from .errors import UsageError, ZoompipeError, one_line
+from .predict import PredictOutcome, predict_one, write_predictions_csv
+from .preprocess import PreprocessConfig, preprocess_one, run_contract
+from .run_status import SlideStatus, write_record, write_table
+from .slide import SlideSource, slide_source
 
 try:
     import dask
     from distributed import Client, KilledWorker, LocalCluster, as_completed
 except ImportError as err:  # an optional extra: asking for a cluster without it is a usage error
     raise UsageError(f"--cluster needs Dask ({err.name} is not installed): pip install 'zoompipe[cluster]'") from None
-from .predict import PredictOutcome, predict_one, write_predictions_csv
-from .preprocess import PreprocessConfig, preprocess_one, run_contract
-from .run_status import SlideStatus, write_record, write_table
-from .slide import SlideSource, slide_source
 
 #: Seconds between two rebuilds of ``status.csv`` while a run goes on (and once at its end).
 TABLE_INTERVAL = 2.0
