@@ -20,9 +20,16 @@ folder) standing in for the slides:
 The patches counted are those of step 1 for the fold's training and validation slides, against
 their dense count; what validation's hard top-K adds outside the cover is not counted.
 
+``--per-parent M`` replaces the cover with a sub-grid: every base and middle patch, and at the last
+magnification at most M children of each parent, drawn at random once per slide (1 of the 16 10x
+children of a 2.5x patch). The teacher then sees every region of the tissue, thinly, instead of
+each slide's most unusual patches; ZoomMIL's validation slides are cut to the sub-grid as well, so
+nothing outside it is embedded during training. Test stays dense, as ``predict`` reads the slide.
+
 Usage::
 
     python benchmarks/sparse_teacher.py --bench bench40 --out bench_teacher --budget 0.15 --seeds 0
+    python benchmarks/sparse_teacher.py --bench bench40 --out bench_subgrid --per-parent 1 --seeds 0
 """
 
 from __future__ import annotations
@@ -56,6 +63,28 @@ def write_cover_file(dense: Path, out: Path, budget: float, k: float) -> tuple[i
     for level, (grid, features) in enumerate(zip(ff.grids[1:], ff.features[1:]), start=1):
         rows = np.flatnonzero(np.isin(grid.parent, rows))
         cache.add(level, rows, features[rows])
+    cache.save()
+    return sum(cache.count(level) for level in range(len(ff.grids))), sum(len(g) for g in ff.grids)
+
+
+def write_subgrid_file(dense: Path, out: Path, per_parent: int, seed: int) -> tuple[int, int]:
+    """Write ``dense``'s slide with every patch below the last magnification and, at the last, at most
+    ``per_parent`` children of each parent drawn at random (``seed``); (rows kept, rows in all)."""
+    ff = read_feature_file(dense)
+    out.unlink(missing_ok=True)
+    cache = FeatureCache(out, ff.grids, ff.contract, ff.attrs, ff.features[0])
+    for level in range(1, len(ff.grids) - 1):
+        cache.add(level, np.arange(len(ff.grids[level])), ff.features[level])
+    last = ff.grids[-1]
+    order = np.random.default_rng(seed).permutation(len(last))
+    # Rank of each child among its parent's children, in the random order: keep ranks < per_parent.
+    parents = last.parent[order]
+    by_parent = np.argsort(parents, kind="stable")
+    starts = np.searchsorted(parents[by_parent], parents[by_parent])
+    rank = np.empty(len(order), np.int64)
+    rank[by_parent] = np.arange(len(order)) - starts
+    rows = np.sort(order[rank < per_parent])
+    cache.add(len(ff.grids) - 1, rows, ff.features[-1][rows])
     cache.save()
     return sum(cache.count(level) for level in range(len(ff.grids))), sum(len(g) for g in ff.grids)
 
@@ -96,6 +125,9 @@ def main() -> None:
     parser.add_argument("--bench", type=Path, required=True, help="a zoom_vs_full.py output folder (dense features)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--budget", type=float, default=0.15, help="share of each slide's base patches explored")
+    parser.add_argument("--per-parent", type=int, default=0,
+                        help="instead of the cover: every patch below the last magnification and at most this many "
+                             "random children of each parent at the last (0: the cover)")
     parser.add_argument("--folds", type=lambda t: [int(f) for f in t.split(",")], default=[0, 1, 2, 3, 4])
     parser.add_argument("--seeds", type=lambda t: [int(s) for s in t.split(",")], default=[0])
     parser.add_argument("--k", type=float, default=0.125)
@@ -109,11 +141,18 @@ def main() -> None:
     labels_csv = args.bench / "cohort" / "labels.csv"
     labels = read_labels(labels_csv)
     dense = args.bench / "pre" / "features"
-    cover = args.out / f"cover{args.budget:g}"
+    cover = args.out / (f"subgrid{args.per_parent}" if args.per_parent else f"cover{args.budget:g}")
     cover.mkdir(parents=True, exist_ok=True)
     counts = {}
-    for slide_id in sorted(labels):
-        counts[slide_id] = write_cover_file(dense / f"{slide_id}.h5", cover / f"{slide_id}.h5", args.budget, args.k)
+    for index, slide_id in enumerate(sorted(labels)):
+        if args.per_parent:
+            counts[slide_id] = write_subgrid_file(dense / f"{slide_id}.h5", cover / f"{slide_id}.h5",
+                                                  args.per_parent, seed=index)
+        else:
+            counts[slide_id] = write_cover_file(dense / f"{slide_id}.h5", cover / f"{slide_id}.h5", args.budget,
+                                                args.k)
+    # A budgeted run's validation reads outside the cover (not counted); a sub-grid run's does not.
+    zoom_cut = {"train", "val"} if args.per_parent else {"train"}
     common = {"epochs": args.epochs, "lr": args.lr, "lr_patience": 0, "hidden": args.hidden,
               "attn_hidden": args.attn_hidden, "progress": False}
     results = []
@@ -133,7 +172,7 @@ def main() -> None:
             zoom = args.out / "zoommil" / name
             if not (zoom / "train_summary.json").exists():
                 train_model(linked_features(args.out / "features" / f"zoommil_fold{fold}", splits, cover, dense,
-                                            {"train"}),
+                                            zoom_cut),
                             labels_csv, zoom, splits_csv=splits_csv, magnifications=[1.25, 2.5, 10.0], k=args.k,
                             teacher=teacher, seed=seed, **common)
             entry = {"fold": fold, "seed": seed, "patches_embedded": kept, "dense_patches": total,
