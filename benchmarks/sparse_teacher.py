@@ -186,7 +186,7 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                        "runs": results}, indent=1))
     f1 = [r["zoommil"]["weighted_f1"] for r in results]
-    print(f"ZoomMIL taught on the cover: mean test weighted F1 {100 * np.mean(f1):.1f} over {len(f1)} runs")
+    print(f"ZoomMIL taught on the {cover.name}: mean test weighted F1 {100 * np.mean(f1):.1f} over {len(f1)} runs")
 
 
 if __name__ == "__main__":
