@@ -89,12 +89,13 @@ def write_subgrid_file(dense: Path, out: Path, per_parent: int, seed: int) -> tu
     return sum(cache.count(level) for level in range(len(ff.grids))), sum(len(g) for g in ff.grids)
 
 
-def linked_features(folder: Path, splits: dict[str, str], cover: Path, dense: Path, cut: set[str]) -> Path:
-    """A features folder whose slides of the splits in ``cut`` link to the cover files, the rest to the dense."""
+def linked_features(folder: Path, splits: dict[str, str], sparse: Path, dense: Path, cut: set[str]) -> Path:
+    """A features folder whose slides of the splits in ``cut`` link to the sparse files (cover or sub-grid),
+    the rest to the dense."""
     folder.mkdir(parents=True, exist_ok=True)
     for slide_id, split in splits.items():
         link = folder / f"{slide_id}.h5"
-        target = (cover if split in cut else dense) / f"{slide_id}.h5"
+        target = (sparse if split in cut else dense) / f"{slide_id}.h5"
         if link.is_symlink() and link.resolve() != target.resolve():
             link.unlink()
         if not link.is_symlink():
@@ -141,15 +142,15 @@ def main() -> None:
     labels_csv = args.bench / "cohort" / "labels.csv"
     labels = read_labels(labels_csv)
     dense = args.bench / "pre" / "features"
-    cover = args.out / (f"subgrid{args.per_parent}" if args.per_parent else f"cover{args.budget:g}")
-    cover.mkdir(parents=True, exist_ok=True)
+    sparse = args.out / (f"subgrid{args.per_parent}" if args.per_parent else f"cover{args.budget:g}")
+    sparse.mkdir(parents=True, exist_ok=True)
     counts = {}
     for index, slide_id in enumerate(sorted(labels)):
         if args.per_parent:
-            counts[slide_id] = write_subgrid_file(dense / f"{slide_id}.h5", cover / f"{slide_id}.h5",
+            counts[slide_id] = write_subgrid_file(dense / f"{slide_id}.h5", sparse / f"{slide_id}.h5",
                                                   args.per_parent, seed=index)
         else:
-            counts[slide_id] = write_cover_file(dense / f"{slide_id}.h5", cover / f"{slide_id}.h5", args.budget,
+            counts[slide_id] = write_cover_file(dense / f"{slide_id}.h5", sparse / f"{slide_id}.h5", args.budget,
                                                 args.k)
     # A budgeted run's validation reads outside the cover (not counted); a sub-grid run's does not.
     zoom_cut = {"train", "val"} if args.per_parent else {"train"}
@@ -165,13 +166,13 @@ def main() -> None:
             name = f"fold{fold}_seed{seed}"
             teacher = args.out / "teacher" / name
             if not (teacher / "train_summary.json").exists():
-                train_model(linked_features(args.out / "features" / f"teacher_fold{fold}", splits, cover, dense,
+                train_model(linked_features(args.out / "features" / f"teacher_fold{fold}", splits, sparse, dense,
                                             {"train", "val"}),
                             labels_csv, teacher, architecture="abmil", splits_csv=splits_csv,
                             magnifications=[10.0], weight_decay=args.teacher_weight_decay, seed=seed, **common)
             zoom = args.out / "zoommil" / name
             if not (zoom / "train_summary.json").exists():
-                train_model(linked_features(args.out / "features" / f"zoommil_fold{fold}", splits, cover, dense,
+                train_model(linked_features(args.out / "features" / f"zoommil_fold{fold}", splits, sparse, dense,
                                             zoom_cut),
                             labels_csv, zoom, splits_csv=splits_csv, magnifications=[1.25, 2.5, 10.0], k=args.k,
                             teacher=teacher, seed=seed, **common)
@@ -186,7 +187,7 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                        "runs": results}, indent=1))
     f1 = [r["zoommil"]["weighted_f1"] for r in results]
-    print(f"ZoomMIL taught on the {cover.name}: mean test weighted F1 {100 * np.mean(f1):.1f} over {len(f1)} runs")
+    print(f"ZoomMIL taught on the {sparse.name}: mean test weighted F1 {100 * np.mean(f1):.1f} over {len(f1)} runs")
 
 
 if __name__ == "__main__":
