@@ -47,6 +47,7 @@ from zoompipe.dataset import read_labels, read_splits
 from zoompipe.features import read_feature_file
 from zoompipe.grid import children_index
 from zoompipe.model import load_run
+from zoompipe.model.topk import selectable_count, topk_indices
 from zoompipe.model.zoommil import patches_to_zoom
 from zoompipe.sparse import FeatureCache, explore_cover
 from zoompipe.train import train_model
@@ -77,13 +78,13 @@ def write_subgrid_file(dense: Path, out: Path, per_parent: int, seed: int) -> tu
         cache.add(level, np.arange(len(ff.grids[level])), ff.features[level])
     last = ff.grids[-1]
     order = np.random.default_rng(seed).permutation(len(last))
-    # Rank of each child among its parent's children, in the random order: keep ranks < per_parent.
-    parents = last.parent[order]
-    by_parent = np.argsort(parents, kind="stable")
-    starts = np.searchsorted(parents[by_parent], parents[by_parent])
-    rank = np.empty(len(order), np.int64)
-    rank[by_parent] = np.arange(len(order)) - starts
-    rows = np.sort(order[rank < per_parent])
+    # The first per_parent children of each parent in the random order: the per-parent top-K that
+    # the zoom uses, on scores that fall along that order.
+    priority = torch.empty(len(last))
+    priority[torch.from_numpy(order)] = -torch.arange(len(last), dtype=torch.float32)
+    groups = torch.from_numpy(last.parent).long()
+    count = selectable_count(torch.ones(1, len(last), dtype=torch.bool), groups, per_parent)
+    rows = topk_indices(priority, count, groups, per_parent).numpy()
     cache.add(len(ff.grids) - 1, rows, ff.features[-1][rows])
     cache.save()
     return sum(cache.count(level) for level in range(len(ff.grids))), sum(len(g) for g in ff.grids)
