@@ -9,8 +9,10 @@ spread and swapped it for the third-ranked patch, one of the K = 2 picks. On the
 (README, "Precision and runtime follow the hardware") bf16 swapped 1-3 patches of K in 41 of 134
 zoom steps (at 1.25x, patches within 6% of the score spread of the K-th) and kept the diagnosis
 on 79 of 80 slides. So the test asks for the same class and close probabilities, and at every
-step compared (the same bag in both) at least half of the K picks shared: bf16 may reorder patches at the edge of the top K, not send the zoom elsewhere.
-After a step whose picks differ, the two runs read different patches and are no longer compared.
+step compared (the same bag in both) at least half of the K picks shared and, at the base step
+(where no per-parent limit reorders the ranking), every patch that bf16 adds among fp32's top 2K:
+bf16 may reorder patches at the edge of the top K, not send the zoom elsewhere. After a step
+whose picks differ, the two runs read different patches and are no longer compared.
 """
 
 import warnings
@@ -50,12 +52,16 @@ def test_bf16_and_fp32_features_give_the_same_diagnosis_and_nearly_the_same_zoom
         a, b = fp32.predict(path), bf16.predict(path)
         assert a.predicted == b.predicted
         assert np.abs(a.probabilities - b.probabilities).max() <= PROBABILITY_TOLERANCE
-        for low_a, low_b in zip(a.magnifications[:-1], b.magnifications[:-1]):
+        for step, (low_a, low_b) in enumerate(zip(a.magnifications[:-1], b.magnifications[:-1])):
             np.testing.assert_array_equal(low_a.rows, low_b.rows)  # the same bag at this step
             picked_a, picked_b = set(low_a.rows[low_a.selected]), set(low_b.rows[low_b.selected])
             compared += 1
-            assert len(picked_a) == len(picked_b) > 0
-            assert len(picked_a & picked_b) >= len(picked_a) / 2
+            k = len(picked_a)
+            assert len(picked_b) == k > 0
+            assert len(picked_a & picked_b) >= k / 2
+            if step == 0:
+                top_2k = set(low_a.rows[np.argsort(-low_a.selection_scores)[:2 * k]])
+                assert picked_b - picked_a <= top_2k
             if picked_a != picked_b:
                 break
     assert compared >= len(demo_slides)
