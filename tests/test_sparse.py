@@ -37,6 +37,9 @@ TRAINING = dict(k=1, hidden=32, attn_hidden=16, epochs=3, lr=1e-3, seed=3, progr
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> Path:
     """Six small slides, preprocessed twice: the full cascade (dense) and the base alone."""
+    # A declared dependency, but an image without it (the GPU machine's) should skip these bit-for-bit
+    # comparisons, not error in the fixture.
+    pytest.importorskip("openvino", reason="the bit-for-bit comparisons embed with OpenVINO (ENCODER)")
     root = tmp_path_factory.mktemp("sparse")
     slides = []
     for i in range(6):
