@@ -44,7 +44,7 @@ import torch
 
 from lesion_attention import slide_localisation
 from zoompipe.dataset import read_labels, read_splits
-from zoompipe.features import read_feature_file
+from zoompipe.features import FeatureFile, read_feature_file
 from zoompipe.grid import children_index
 from zoompipe.model import load_run
 from zoompipe.model.topk import selectable_count, topk_indices
@@ -53,27 +53,35 @@ from zoompipe.sparse import FeatureCache, explore_cover
 from zoompipe.train import train_model
 
 
+def _empty_cache(dense: Path, out: Path) -> tuple[FeatureFile, FeatureCache]:
+    """``dense``'s feature file and a new sparse cache at ``out`` holding its base group only."""
+    ff = read_feature_file(dense)
+    out.unlink(missing_ok=True)  # a cache file that exists would be read back into the new one
+    return ff, FeatureCache(out, ff.grids, ff.contract, ff.attrs, ff.features[0])
+
+
+def _saved(cache: FeatureCache, ff: FeatureFile) -> tuple[int, int]:
+    """Save ``cache``; (rows it holds, rows of the dense file ``ff``)."""
+    cache.save()
+    return sum(cache.count(level) for level in range(len(ff.grids))), sum(len(g) for g in ff.grids)
+
+
 def write_cover_file(dense: Path, out: Path, budget: float, k: float) -> tuple[int, int]:
     """Write the sparse cache that a budgeted run would fill for ``dense``'s slide: its base grid and
     the descendants of its cover, features taken from ``dense``; (rows kept, rows in all)."""
-    ff = read_feature_file(dense)
-    out.unlink(missing_ok=True)  # a cache file that exists would be read back into the new one
-    cache = FeatureCache(out, ff.grids, ff.contract, ff.attrs, ff.features[0])
+    ff, cache = _empty_cache(dense, out)
     rows = np.flatnonzero(explore_cover(ff.features[0], children_index(ff.grids[0], ff.grids[1]), budget,
                                         patches_to_zoom(k, len(ff.grids[0])), ff.grids[0].tissue))
     for level, (grid, features) in enumerate(zip(ff.grids[1:], ff.features[1:]), start=1):
         rows = np.flatnonzero(np.isin(grid.parent, rows))
         cache.add(level, rows, features[rows])
-    cache.save()
-    return sum(cache.count(level) for level in range(len(ff.grids))), sum(len(g) for g in ff.grids)
+    return _saved(cache, ff)
 
 
 def write_subgrid_file(dense: Path, out: Path, per_parent: int, seed: int) -> tuple[int, int]:
     """Write ``dense``'s slide with every patch below the last magnification and, at the last, at most
     ``per_parent`` children of each parent drawn at random (``seed``); (rows kept, rows in all)."""
-    ff = read_feature_file(dense)
-    out.unlink(missing_ok=True)
-    cache = FeatureCache(out, ff.grids, ff.contract, ff.attrs, ff.features[0])
+    ff, cache = _empty_cache(dense, out)
     for level in range(1, len(ff.grids) - 1):
         cache.add(level, np.arange(len(ff.grids[level])), ff.features[level])
     last = ff.grids[-1]
@@ -86,8 +94,7 @@ def write_subgrid_file(dense: Path, out: Path, per_parent: int, seed: int) -> tu
     count = selectable_count(torch.ones(1, len(last), dtype=torch.bool), groups, per_parent)
     rows = topk_indices(priority, count, groups, per_parent).numpy()
     cache.add(len(ff.grids) - 1, rows, ff.features[-1][rows])
-    cache.save()
-    return sum(cache.count(level) for level in range(len(ff.grids))), sum(len(g) for g in ff.grids)
+    return _saved(cache, ff)
 
 
 def linked_features(folder: Path, splits: dict[str, str], sparse: Path, dense: Path, cut: set[str]) -> Path:
