@@ -12,6 +12,9 @@ count on a real-size cohort takes minutes, not hours.
 noise samples select (their weight is set to zero and each slot renormalised): how much of the
 union is the noise of one step rather than the selection moving between epochs.
 
+``--samples S``, ``--sigma A`` and ``--sigma-end B`` set the perturbed top-K's noise samples and its
+noise schedule (from A at the first epoch to B at the last), to measure how they shape the union.
+
 ``--explore M`` simulates limiting the base step's exploration to the base patches explored
 before (all their children embedded) and the ``ceil(M * K)`` best by the zoom head's current
 score: new patches enter the union only by ranking near the top. ``--budget F`` caps the base
@@ -56,8 +59,8 @@ def prune_rare_parents(min_share: float) -> None:
     forward = topk.PerturbedTopK.forward
 
     def pruned(self: topk.PerturbedTopK, scores: torch.Tensor, k: int, mask: torch.Tensor | None = None,
-               generator: torch.Generator | None = None):
-        out = forward(self, scores, k, mask, generator)
+               generator: torch.Generator | None = None, *limit):  # limit: groups, per_group
+        out = forward(self, scores, k, mask, generator, *limit)
         if not self.training:
             return out
         share = out.sum(dim=1, keepdim=True)  # probability that a parent is among the K
@@ -65,6 +68,16 @@ def prune_rare_parents(min_share: float) -> None:
         return out / out.sum(dim=-1, keepdim=True).clamp_min(1e-12)
 
     topk.PerturbedTopK.forward = pruned
+
+
+def use_noise_samples(n: int) -> None:
+    """Make every perturbed top-K draw ``n`` noise samples (``ZoomMILConfig.n_samples``)."""
+    init = topk.PerturbedTopK.__init__
+
+    def with_samples(self: topk.PerturbedTopK, num_samples: int, *args, **kwargs) -> None:
+        init(self, n, *args, **kwargs)
+
+    topk.PerturbedTopK.__init__ = with_samples
 
 
 def explore_known_only(seen: dict[tuple[int, int], set[int]], multiple: float, budget: float) -> None:
@@ -92,7 +105,7 @@ def explore_known_only(seen: dict[tuple[int, int], set[int]], multiple: float, b
             pending.clear()
 
     def restricted(self: topk.PerturbedTopK, scores: torch.Tensor, k: int, mask: torch.Tensor | None = None,
-                   generator: torch.Generator | None = None):
+                   generator: torch.Generator | None = None, *limit):  # limit: groups, per_group
         explored = pending.pop("explored", None)  # the base step's call comes first, without a mask
         if self.training and explored is not None and mask is None:
             n = scores.shape[-1]
@@ -104,7 +117,7 @@ def explore_known_only(seen: dict[tuple[int, int], set[int]], multiple: float, b
             mask = explored.clone()
             mask[best] = True
             mask = mask[None]
-        return select(self, scores, k, mask, generator)
+        return select(self, scores, k, mask, generator, *limit)
 
     zoommil.ZoomMIL._forward_soft = forward_soft
     topk.PerturbedTopK.forward = restricted
@@ -131,6 +144,9 @@ def main() -> None:
                              "EXPLORE x K best only (0: no limit)")
     parser.add_argument("--budget", type=float, default=0.0,
                         help="with --explore: base patches a slide may explore, a fraction of its base bag (0: no cap)")
+    parser.add_argument("--samples", type=int, default=0, help="noise samples of the perturbed top-K (0: the model's)")
+    parser.add_argument("--sigma", type=float, default=None, help="noise at the first epoch [default: training's]")
+    parser.add_argument("--sigma-end", type=float, default=None, help="noise at the last epoch [default: training's]")
     args = parser.parse_args()
 
     seen: dict[tuple[int, int], set[int]] = {}
@@ -139,6 +155,8 @@ def main() -> None:
         prune_rare_parents(args.min_share)
     if args.explore > 0:
         explore_known_only(seen, args.explore, args.budget)
+    if args.samples > 0:
+        use_noise_samples(args.samples)
     levels = range(1, len(args.magnifications))
     history: list[dict[int, int]] = []
     one_epoch = train.train_one_epoch
@@ -154,7 +172,8 @@ def main() -> None:
     for slide_id in ids:
         bags, _, _ = read_bags(args.features / f"{slide_id}.h5", args.magnifications)
         dense = [n + len(b) for n, b in zip(dense, bags)]
-    extra = {} if args.level_dropout is None else {"level_dropout": args.level_dropout}
+    given = {"level_dropout": args.level_dropout, "sigma": args.sigma, "sigma_end": args.sigma_end}
+    extra = {name: value for name, value in given.items() if value is not None}
     with tempfile.TemporaryDirectory() as run:
         summary = train.train_model(args.features, args.labels, run, architecture="zoommil", splits_csv=args.splits,
                                     magnifications=args.magnifications, k=args.k, lr=args.lr, epochs=args.epochs,
@@ -163,7 +182,8 @@ def main() -> None:
     names = [f"{m:g}x" for m in args.magnifications]
     print(f"{len(ids)} training slides; dense rows {dict(zip(names, dense))} = {sum(dense)}; "
           f"best validation weighted F1 {summary['best_val_f1']:.3f} (epoch {summary['best_epoch']}); "
-          f"children per parent {args.children_per_parent}; min share {args.min_share:g}; explore {args.explore:g}; budget {args.budget:g}")
+          f"children per parent {args.children_per_parent}; min share {args.min_share:g}; explore {args.explore:g}; budget {args.budget:g}; "
+          f"K {args.k:g}; samples {args.samples or 'default'}; sigma {args.sigma}, end {args.sigma_end} (None: default)")
     print(f"{'epoch':>5s} " + " ".join(f"{n:>9s}" for n in names[1:]) + f" {'base+union':>11s} {'dense/that':>10s}")
     for epoch, counts in enumerate(history, 1):
         total = dense[0] + sum(counts.values())
