@@ -11,7 +11,7 @@ below its K it ranked them.
 
 Usage::
 
-    python benchmarks/lesion_attention.py --bench bench40 --runs RUN [RUN ...] [--split test]
+    python benchmarks/lesion_attention.py --bench bench40 --runs RUN [RUN ...] [--split test|val|all]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from sklearn.metrics import f1_score
 
 from zoom_vs_full import lesion_labels, localise
 from zoompipe.dataset import feature_path, read_bags, read_labels, read_splits
@@ -88,7 +89,9 @@ def main() -> None:
     parser.add_argument("--bench", type=Path, required=True,
                         help="a zoom_vs_full.py output folder (cohort/labels.csv, cohort/regions, pre/features)")
     parser.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders, each with its splits.csv")
-    parser.add_argument("--split", default="test", help="the split of each run to score")
+    parser.add_argument("--split", default="test",
+                        help="the split of each run to score; 'all': every slide of --bench, for a cohort that "
+                             "no run was trained or tuned on")
     parser.add_argument("--out", type=Path, help="write every slide's figures here as JSON")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
@@ -97,19 +100,20 @@ def main() -> None:
     for run in args.runs:
         model, config = load_run(run)
         splits = read_splits(run / "splits.csv")
-        for slide_id in sorted(s for s in labels if splits.get(s) == args.split):
+        for slide_id in sorted(s for s in labels if args.split in ("all", splits.get(s))):
             entry = slide_localisation(model, config.class_names, args.bench / "pre" / "features",
                                        args.bench / "cohort" / "regions", slide_id)
             slides.append({"run": str(run), "label": labels[slide_id], **entry})
     print(f"{len(args.runs)} runs, {args.split} slides\n")
     middle = sorted({m for e in slides for m in e["lesions_under"]}, key=float_magnification)
-    print("| run | slides right | " + "".join(f"lesions under the {m} patches read | " for m in middle)
+    print("| run | slides right | weighted F1 | " + "".join(f"lesions under the {m} patches read | " for m in middle)
           + "lesions reached | attention inside lesions | patches read / slide |")
-    print("|---|---|---|" + "---|" * len(middle) + "---|---|")
+    print("|---|---|---|---|" + "---|" * len(middle) + "---|---|")
     for run in args.runs:
         group = [e for e in slides if e["run"] == str(run)]
         lesions = max(sum(e["lesions"] for e in group), 1)
-        print(f"| {run} | {sum(e['predicted'] == e['label'] for e in group)} / {len(group)} | "
+        f1 = f1_score([e["label"] for e in group], [e["predicted"] for e in group], average="weighted", zero_division=0)
+        print(f"| {run} | {sum(e['predicted'] == e['label'] for e in group)} / {len(group)} | {100 * f1:.1f} | "
               + "".join(f"{100 * sum(e['lesions_under'][m] for e in group) / lesions:.0f}% | "
                         if m in group[0]["lesions_under"] else "- | " for m in middle)
               + f"{100 * sum(e['lesions_reached'] for e in group) / lesions:.0f}% "

@@ -553,6 +553,9 @@ def main() -> None:
     parser.add_argument("--methods", type=lambda t: t.split(","), default=None,
                         help="train and score only these methods (their folder names under runs/), e.g. to share "
                              "the work between processes; the tables need a run of every method")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="write and preprocess the cohort, then stop: a second cohort (another --cohort-seed) "
+                             "to score trained runs on, with lesion_attention.py --split all")
     parser.add_argument("--predict-all-folds", action="store_true",
                         help="ABMIL 10x predicts from raw slides on every fold, not only the first")
     args = parser.parse_args()
@@ -564,6 +567,9 @@ def main() -> None:
         parser.error(f"--methods: none of {args.methods}; choose from {', '.join(m.slug for m in METHODS)}")
 
     rows, features, timings = prepare(args)
+    if args.prepare_only:
+        print(f"cohort and features in {out}: {timings}")
+        return
     labels_csv = out / "cohort" / "labels.csv"
     labels = read_labels(labels_csv)
     by_id = {r["slide_id"]: r for r in rows}
