@@ -88,6 +88,7 @@ from zoompipe.train_defaults import (
     DEFAULT_LEVEL_DROPOUT,
     DEFAULT_LR_PATIENCE,
     DEFAULT_SELECTION,
+    DEFAULT_TAUGHT_ATTENTION_TARGET_WEIGHT,
     DEFAULT_TEACHER_INSTANCE_WEIGHT,
     DEFAULT_TEACHER_TARGET,
     DEFAULT_WARMUP,
@@ -543,7 +544,7 @@ def main() -> None:
     parser.add_argument("--teacher-target", choices=TEACHER_TARGETS, default=DEFAULT_TEACHER_TARGET,
                         help="with --abmil-teacher: what the zoom heads follow, the teacher's attention or its "
                              "patches' class evidence (zoompipe train --teacher-target)")
-    parser.add_argument("--attention-target-weight", type=float, default=0.0,
+    parser.add_argument("--attention-target-weight", type=float, default=DEFAULT_TAUGHT_ATTENTION_TARGET_WEIGHT,
                         help="with --abmil-teacher: pull of ZoomMIL's last attention towards the teacher's target "
                              "(zoompipe train --attention-target-weight)")
     parser.add_argument("--jobs", type=int, default=2, help="processes writing the cohort")

@@ -15,6 +15,7 @@ from zoompipe.train_defaults import (
     DEFAULT_MAX_GRAD_NORM,
     DEFAULT_SELECTION,
     DEFAULT_SIGMA_END,
+    DEFAULT_TAUGHT_ATTENTION_TARGET_WEIGHT,
     DEFAULT_TEACHER_INSTANCE_WEIGHT,
     DEFAULT_TEACHER_TARGET,
     DEFAULT_WARMUP,
@@ -83,10 +84,11 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
               help="With --teacher: what the zoom heads follow. attention: the teacher's attention; evidence: each "
                    "patch's class evidence against the bag's mean patch, which marks the evidence of every class even "
                    "where the teacher's attention decides a class by what is missing.")
-@click.option("--attention-target-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--attention-target-weight", type=click.FloatRange(min=0), default=None,
               help="With --teacher: weight of a pull of the last magnification's attention towards the teacher's "
                    "target, so that the attention heatmaps show sits on the evidence of every class; 0: the slide "
-                   "label alone trains it.")
+                   f"label alone trains it. [default: {DEFAULT_TAUGHT_ATTENTION_TARGET_WEIGHT:g} with --teacher, "
+                   "0 without]")
 @click.option("--children-per-parent", type=click.IntRange(min=0), default=DEFAULT_CHILDREN_PER_PARENT,
               show_default=True,
               help="ZoomMIL: at most this many of each zoom step's K patches among the children of one parent; "

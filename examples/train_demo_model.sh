@@ -16,8 +16,7 @@ $ZP preprocess "$WORK/cohort/slides" --out "$WORK/pre"
 $ZP train --features "$WORK/pre/features" --labels "$WORK/cohort/labels.csv" --splits "$WORK/cohort/splits.csv" \
     --out "$WORK/teacher" --architecture abmil --magnifications 10 --hidden 128 --attn-hidden 64 --epochs 60 --seed 0
 $ZP train --features "$WORK/pre/features" --labels "$WORK/cohort/labels.csv" --splits "$WORK/cohort/splits.csv" \
-    --out "$WORK/run" --hidden 128 --attn-hidden 64 --epochs 60 --seed 0 --teacher "$WORK/teacher" \
-    --attention-target-weight 1
+    --out "$WORK/run" --hidden 128 --attn-hidden 64 --epochs 60 --seed 0 --teacher "$WORK/teacher"
 $ZP evaluate --model "$WORK/run" --features "$WORK/pre/features" --labels "$WORK/cohort/labels.csv" \
     --split test --out "$WORK/eval"
 mkdir -p "$DEST"

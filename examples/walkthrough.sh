@@ -21,11 +21,11 @@ $ZP train --features "$OUT/pre/features" --labels "$OUT/cohort/labels.csv" \
     --architecture abmil --magnifications 10
 
 # 4. ZoomMIL, zooming into K = N/8 of each slide's base patches per step (the default), its zoom
-#    heads following the teacher's evidence, and its 10x attention pulled towards that evidence so
-#    that the heatmaps show the lesions of every class (README, "The attention target").
+#    heads following the teacher's evidence, and its 10x attention pulled towards that evidence (the
+#    default with a teacher) so that the heatmaps show the lesions of every class (README, "The
+#    attention target").
 $ZP train --features "$OUT/pre/features" --labels "$OUT/cohort/labels.csv" \
-    --splits "$OUT/cohort/splits.csv" --out "$OUT/run" --epochs 40 --teacher "$OUT/teacher" \
-    --attention-target-weight 1
+    --splits "$OUT/cohort/splits.csv" --out "$OUT/run" --epochs 40 --teacher "$OUT/teacher"
 
 # 5. Test-split metrics on the dense features: accuracy, weighted F1, AUC, confusion matrix.
 $ZP evaluate --model "$OUT/run" --features "$OUT/pre/features" --labels "$OUT/cohort/labels.csv" \

@@ -335,6 +335,10 @@ def test_zoommil_follows_a_trained_abmil_run_or_refuses_it_in_one_line(features,
                          (taught.classifier, teacher.classifier)):
         assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
     assert not torch.equal(taught.levels[0].project[0].weight, teacher.project[0].weight)
+    # With a teacher its target pulls the last attention too, by default; without one there is no target.
+    assert taught.config.attention_target_weight == 1.0
+    untaught = train_model(features_dir, labels, tmp_path / "untaught", k=2, epochs=1, **widths)
+    assert load_run(untaught["run_dir"]).model.config.attention_target_weight == 0.0
     # Loading the teacher leaves the global random stream alone, so a taught run draws what another draws.
     pipeline = load_run(abmil).config.pipeline
     state = torch.random.get_rng_state()
@@ -367,6 +371,7 @@ def test_zoommil_follows_a_trained_abmil_run_or_refuses_it_in_one_line(features,
                                       "attention", "--k", "2", "--hidden", "16", "--attn-hidden", "8", "--epochs", "1"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "attention" / "train_summary.json").read_text())["teacher"]["target"] == "attention"
+    assert load_run(tmp_path / "attention").model.config.attention_target_weight == 1.0
 
 
 @pytest.mark.parametrize("lr_patience", [5, 0])

@@ -44,6 +44,7 @@ from zoompipe.train_defaults import (
     DEFAULT_MAX_GRAD_NORM,
     DEFAULT_SELECTION,
     DEFAULT_SIGMA_END,
+    DEFAULT_TAUGHT_ATTENTION_TARGET_WEIGHT,
     DEFAULT_TEACHER_INSTANCE_WEIGHT,
     DEFAULT_TEACHER_TARGET,
     DEFAULT_WARMUP,
@@ -182,7 +183,7 @@ def train_model(
     sparse: SparseSettings | None = None,
     teacher: str | os.PathLike | None = None,
     teacher_target: str = DEFAULT_TEACHER_TARGET,
-    attention_target_weight: float = 0.0,
+    attention_target_weight: float | None = None,
     children_per_parent: int = DEFAULT_CHILDREN_PER_PARENT,
     resume: bool = False,
 ) -> dict[str, Any]:
@@ -281,10 +282,11 @@ def train_model(
         patch's class evidence against the bag's mean patch, which marks the evidence of every
         class also where the teacher's attention decides a class by what is missing
         (:func:`zoompipe.model.teacher.teacher_evidence`).
-    attention_target_weight : float
+    attention_target_weight : float, optional
         ZoomMIL with ``teacher``: weight of the pull of the last magnification's attention
         towards the teacher's target (``ZoomMILConfig.attention_target_weight``), so that the
         attention heatmaps show sits on the evidence of every class; 0 leaves it to the label.
+        Default: ``DEFAULT_TAUGHT_ATTENTION_TARGET_WEIGHT`` with a teacher, 0 without one.
     children_per_parent : int
         ZoomMIL: at most this many of each zoom step's K patches among the children of one
         parent (``ZoomMILConfig.children_per_parent``); 0: no limit.
@@ -309,6 +311,8 @@ def train_model(
         raise UsageError(f"need at least one epoch, got {epochs}")
     if not 0 <= warmup < 1:
         raise UsageError(f"the warm-up is a fraction of the epochs in [0, 1), got {warmup}")
+    if attention_target_weight is None:
+        attention_target_weight = 0.0 if teacher is None else DEFAULT_TAUGHT_ATTENTION_TARGET_WEIGHT
     if attention_target_weight > 0 and teacher is None:
         raise UsageError("--attention-target-weight pulls the last magnification's attention towards a trained "
                          "teacher's target; give --teacher")
