@@ -51,6 +51,7 @@ from zoompipe.model.topk import selectable_count, topk_indices
 from zoompipe.model.zoommil import patches_to_zoom
 from zoompipe.sparse import FeatureCache, explore_cover
 from zoompipe.train import train_model
+from zoompipe.train_defaults import DEFAULT_TAUGHT_ATTENTION_TARGET_WEIGHT
 
 
 def _empty_cache(dense: Path, out: Path) -> tuple[FeatureFile, FeatureCache]:
@@ -146,6 +147,9 @@ def main() -> None:
     parser.add_argument("--attn-hidden", type=int, default=64)
     parser.add_argument("--teacher-weight-decay", type=float, default=0.0,
                         help="the teacher's Adam weight decay (its bags are small enough to learn by heart)")
+    parser.add_argument("--attention-target-weight", type=float, default=DEFAULT_TAUGHT_ATTENTION_TARGET_WEIGHT,
+                        help="pull of ZoomMIL's last attention towards the teacher's target "
+                             "(zoompipe train --attention-target-weight)")
     args = parser.parse_args()
     labels_csv = args.bench / "cohort" / "labels.csv"
     labels = read_labels(labels_csv)
@@ -183,7 +187,8 @@ def main() -> None:
                 train_model(linked_features(args.out / "features" / f"zoommil_fold{fold}", splits, sparse, dense,
                                             zoom_cut),
                             labels_csv, zoom, splits_csv=splits_csv, magnifications=[1.25, 2.5, 10.0], k=args.k,
-                            teacher=teacher, seed=seed, **common)
+                            teacher=teacher, attention_target_weight=args.attention_target_weight, seed=seed,
+                            **common)
             entry = {"fold": fold, "seed": seed, "patches_embedded": kept, "dense_patches": total,
                      "teacher": score(teacher, args.bench, labels), "zoommil": score(zoom, args.bench, labels)}
             results.append(entry)
