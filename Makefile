@@ -23,8 +23,10 @@ demo: $(STAMP)
 	$(BIN)/zoompipe predict $(DEMO_DIR)/slides/*.svs --out $(DEMO_DIR)/predictions --heatmap --profile
 	@echo "heatmaps: $(DEMO_DIR)/predictions/*_panel.png"
 
+# One test file per worker process, a worker per core (up to 4): the files share module fixtures
+# (slides, runs) and the longest tests train on one thread.
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest --numprocesses auto --maxprocesses 4 --dist loadfile
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache build *.egg-info

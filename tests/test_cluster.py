@@ -181,9 +181,13 @@ def test_a_slide_lost_after_its_retries_is_sent_once_more_alone(client, tmp_path
                          lambda s: dict(counts=str(tmp_path), tries=2 if s.slide_id == "unlucky" else 0),
                          on_result=lambda s, r: None, on_lost=lambda s, deaths: lost.append((s, deaths)),
                          progress=False, label="test-alone")
-    assert results[sources[0]] == "unlucky after 2 deaths" and lost == []
-    # Dask runs a task at least once: when "fine" finished on the worker that a retry of "unlucky"
-    # then killed before the client fetched the result, dask runs "fine" again (seen once in CI).
+    # Dask runs a task at least once: the try that was cancelled when the slide was sent alone
+    # can have started and counted its call, so "unlucky" succeeds after 3 (seen once with other
+    # jobs on the 2 cores; the log showed that try's CancelledError); and when "fine" finished on
+    # the worker that a retry of "unlucky" then killed before the client fetched the result, dask
+    # runs "fine" again.
+    deaths = re.fullmatch(r"unlucky after (\d+) deaths", results[sources[0]])
+    assert deaths and int(deaths[1]) >= 2 and lost == []
     assert re.fullmatch(r"fine after \d+ deaths", results[sources[1]]) and len(results) == 2
     # No wait for both workers here, unlike the test above: no later test uses this cluster, and
     # under load dask has closed a nanny whose worker it was restarting (twice, with benchmarks

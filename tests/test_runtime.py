@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from zoompipe.encoders import EncoderConfig, create_encoder, register_encoder
-from zoompipe.encoders.encoder import resolve_precision
+from zoompipe.encoders.encoder import _cpu_has_int8_dot_product, _warn_once, resolve_precision
 from zoompipe.encoders.runtime import TOLERANCE, OpenVinoForward, resolve_runtime
 from zoompipe.errors import ZoompipeError
 from zoompipe.slide import open_slide
@@ -221,7 +221,12 @@ def test_runtime_choice():
 
 def test_int8_is_quantised_once_close_to_fp32_and_not_equal(tmp_path, monkeypatch, tissue_patches):
     monkeypatch.setenv("ZOOMPIPE_CACHE_DIR", str(tmp_path))
-    int8 = create_encoder(precision="int8")
+    _warn_once.cache_clear()
+    dot_product = _cpu_has_int8_dot_product()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        int8 = create_encoder(precision="int8")
+    assert any("no int8 dot product" in str(w.message) for w in caught) is not dot_product
     assert (int8.precision, int8.runtime) == ("int8", "openvino")
     (graph,) = tmp_path.rglob("*.int8.xml")
     assert graph.with_suffix(".bin").stat().st_size > 1_000_000
@@ -232,8 +237,11 @@ def test_int8_is_quantised_once_close_to_fp32_and_not_equal(tmp_path, monkeypatc
     cosine = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
     assert np.abs(ours - theirs).max() > 100 * TOLERANCE  # really quantised
     # Closest on tissue; blank glass, which tiling drops, sits furthest from the calibration.
+    # Without VNNI or AMX the CPU's int8 kernels stray further (an AVX2 EPYC: 0.93 on tissue, 0.85
+    # in all).
     tissue = (tissue_patches.mean(axis=3) < 220).mean(axis=(1, 2)) >= 0.1
-    assert tissue.sum() >= 4 and cosine[tissue].min() > 0.98 and cosine.min() > 0.9, cosine
+    floor_tissue, floor_all = (0.98, 0.9) if dot_product else (0.9, 0.8)
+    assert tissue.sum() >= 4 and cosine[tissue].min() > floor_tissue and cosine.min() > floor_all, cosine
     again = create_encoder(precision="int8")
     assert (graph.stat().st_mtime_ns, graph.stat().st_ino) == stamp
     np.testing.assert_array_equal(again.embed(tissue_patches), ours)
