@@ -62,7 +62,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "int8" and not _cpu_has_int8_dot_product():
         _warn_once("this CPU has no int8 dot product (AVX512-VNNI or AMX): OpenVINO's int8 kernels here take "
                    "the features further from fp32 (lowest cosine on tissue 0.93, against 0.99 for the "
-                   "quantised graph's own arithmetic) for about 1.2x the speed of fp32; prefer fp32 here")
+                   "quantised graph's own arithmetic); do not mix them with int8 features of another CPU")
     return precision
 
 
