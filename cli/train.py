@@ -9,6 +9,7 @@ import click
 from zoompipe.encoders.config import PRECISIONS
 from zoompipe.train_defaults import (
     DEFAULT_CHILDREN_PER_PARENT,
+    DEFAULT_EMA_EPOCHS,
     DEFAULT_K,
     DEFAULT_LEVEL_DROPOUT,
     DEFAULT_LR_PATIENCE,
@@ -100,6 +101,9 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
               help="ZoomMIL: this fraction of --epochs trains the zoom target alone (the dense last-magnification "
                    "teacher and the zoom heads following its attention) before the zoomed bags' classification "
                    "joins; 0: both from the first epoch. None with --teacher, whose attention is learnt already.")
+@click.option("--ema-epochs", type=click.FloatRange(min=0), default=DEFAULT_EMA_EPOCHS, show_default=True,
+              help="Validate, and keep as the checkpoint, an exponential moving average of the weights over about "
+                   "this many epochs; 0: the weights of each epoch's last step.")
 @click.option("--epochs", type=click.IntRange(min=1), default=100, help="Maximum epochs.")
 @click.option("--lr", type=float, default=1e-4, help="Adam learning rate.")
 @click.option("--lr-patience", type=click.IntRange(min=0), default=DEFAULT_LR_PATIENCE, show_default=True,
@@ -148,7 +152,7 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
 def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, architecture, magnifications, k, hidden,
                   attn_hidden, sigma, sigma_end, zoom_target_weight, level_dropout, zoom_target_sum, selection,
                   teacher_instance_weight, teacher, teacher_target, attention_target_weight, children_per_parent, max_grad_norm,
-                  warmup, epochs, lr, lr_patience, weight_decay, seed,
+                  warmup, ema_epochs, epochs, lr, lr_patience, weight_decay, seed,
                   split_seed, device, patience, cache, sparse, slides, cache_dir, encoder_weights, precision, runtime,
                   batch_size, workers, lookahead, explore_budget, cluster, backend, mask_dir, resume) -> None:
     """Train a model; keep the epoch with the best validation weighted F1.
@@ -175,7 +179,7 @@ def train_command(features_dir, labels_csv, out_dir, splits_csv, fold, architect
                           teacher_instance_weight=teacher_instance_weight, teacher=teacher,
                           teacher_target=teacher_target, attention_target_weight=attention_target_weight,
                           children_per_parent=children_per_parent, max_grad_norm=max_grad_norm, warmup=warmup,
-                          epochs=epochs, lr=lr, lr_patience=lr_patience, weight_decay=weight_decay, seed=seed,
+                          ema_epochs=ema_epochs, epochs=epochs, lr=lr, lr_patience=lr_patience, weight_decay=weight_decay, seed=seed,
                           split_seed=split_seed, device=device, patience=patience,
                           cache=cache, sparse=settings, resume=resume)
     click.echo(json.dumps(summary, indent=2))

@@ -29,7 +29,7 @@ from zoompipe.grid import PatchGrid, child_grid
 from zoompipe.metrics import classification_metrics
 from zoompipe.model import create_model, load_run
 from zoompipe.model.teacher import load_teacher
-from zoompipe.train import train_model, train_one_epoch
+from zoompipe.train import seed_everything, train_model, train_one_epoch
 
 MAGS = [1.25, 2.5, 10.0]
 LEVEL0_MPP = 0.25
@@ -374,15 +374,15 @@ def test_zoommil_follows_a_trained_abmil_run_or_refuses_it_in_one_line(features,
     assert load_run(tmp_path / "attention").model.config.attention_target_weight == 1.0
 
 
-@pytest.mark.parametrize("lr_patience", [5, 0])
+@pytest.mark.parametrize("lr_patience, ema_epochs", [(5, 0), (0, 0), (0, 2)])
 def test_a_stopped_run_resumes_to_the_model_of_an_unstopped_one(features, tmp_path: Path, monkeypatch,
-                                                                 lr_patience: int) -> None:
+                                                                 lr_patience: int, ema_epochs: float) -> None:
     from safetensors.torch import load_file
 
     import zoompipe.train
 
     features_dir, labels = features
-    settings = dict(k=2, epochs=4, lr=1e-3, lr_patience=lr_patience, seed=1, progress=False)
+    settings = dict(k=2, epochs=4, lr=1e-3, lr_patience=lr_patience, ema_epochs=ema_epochs, seed=1, progress=False)
     whole = train_model(features_dir, labels, tmp_path / "whole", **settings)
 
     real, calls = zoompipe.train.predict_logits, []
@@ -485,7 +485,27 @@ def test_reads_files_written_by_preprocess(tmp_path: Path) -> None:
     assert agreed_contract([tmp_path / "p.h5"]).grid.magnifications == tuple(MAGS)
 
 
-@pytest.mark.parametrize("case", ["k 0", "epochs 0", "warmup 1", "no label column", "unknown architecture"])
+def test_the_weight_average_is_validated_and_kept(features, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    features_dir, labels = features
+    settings = dict(k=2, hidden=16, attn_hidden=8, epochs=3, lr=1e-2, seed=1, progress=False)
+    runs = {}
+    # An average over a single step is the last step's weights; one over ~forever stays at the
+    # initialisation, whichever epoch validation keeps.
+    for name, ema_epochs in (("off", 0.0), ("one_step", 1 / 12), ("forever", 1e9)):
+        summary = train_model(features_dir, labels, tmp_path / name, ema_epochs=ema_epochs, **settings)
+        assert summary["n_train"] == 12 and summary["training"]["ema_epochs"] == ema_epochs
+        runs[name] = load_file(str(tmp_path / name / "model.safetensors"))
+    seed_everything(1)
+    initial = create_model("zoommil", in_dim=DIM, n_classes=2, magnifications=MAGS, k=2, hidden=16,
+                           attn_hidden=8).state_dict()
+    assert all(torch.equal(runs["one_step"][key], runs["off"][key]) for key in runs["off"])
+    assert all(torch.allclose(runs["forever"][key], initial[key], atol=1e-6) for key in runs["off"])
+    assert not all(torch.allclose(runs["off"][key], initial[key], atol=1e-3) for key in runs["off"])
+
+
+@pytest.mark.parametrize("case", ["k 0", "epochs 0", "ema-epochs -1", "warmup 1", "no label column", "unknown architecture"])
 def test_bad_options_exit_2_with_one_line_and_write_nothing(features, tmp_path: Path, case: str) -> None:
     features_dir, labels = features
     args = ["train", "--features", str(features_dir), "--labels", str(labels), "--out", str(tmp_path / "run")]

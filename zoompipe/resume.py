@@ -68,11 +68,17 @@ def state_dir(run_dir: Path) -> Path:
 
 
 def save_state(run_dir: Path, state: TrainingState, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               sampler_generator: torch.Generator) -> None:
-    """Write the state after ``state.epoch`` (atomically; a stop mid-write keeps the previous one)."""
+               sampler_generator: torch.Generator, average: torch.nn.Module | None = None) -> None:
+    """Write the state after ``state.epoch`` (atomically; a stop mid-write keeps the previous one).
+
+    ``average`` is the moving average of the weights, when the run keeps one.
+    """
     folder = state_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{name}": value.detach().cpu().contiguous() for name, value in model.state_dict().items()}
+    if average is not None:
+        tensors.update({f"average.{name}": value.detach().cpu().contiguous()
+                        for name, value in average.state_dict().items()})
     for index, slots in optimizer.state_dict()["state"].items():
         tensors.update({f"optimizer.{index}.{key}": torch.as_tensor(value).cpu().contiguous()
                         for key, value in slots.items()})
@@ -94,8 +100,9 @@ def _tensors_path(folder: Path, epoch: int) -> Path:
 
 
 def load_state(run_dir: Path, expected_fingerprint: str, model: torch.nn.Module,
-               optimizer: torch.optim.Optimizer, sampler_generator: torch.Generator) -> TrainingState | None:
-    """Restore the state of a stopped run into ``model``, ``optimizer`` and the generators.
+               optimizer: torch.optim.Optimizer, sampler_generator: torch.Generator,
+               average: torch.nn.Module | None = None) -> TrainingState | None:
+    """Restore the state of a stopped run into ``model``, ``optimizer``, ``average`` and the generators.
 
     Returns
     -------
@@ -120,7 +127,9 @@ def load_state(run_dir: Path, expected_fingerprint: str, model: torch.nn.Module,
     if state.version != STATE_VERSION or state.fingerprint != expected_fingerprint:
         raise UsageError(f"{run_dir} holds a run started with other settings or another split; "
                          "train with those, or into another folder")
-    model.load_state_dict({name[6:]: value for name, value in tensors.items() if name.startswith("model.")})
+    model.load_state_dict(_prefixed(tensors, "model."))
+    if average is not None:
+        average.load_state_dict(_prefixed(tensors, "average."))
     slots: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
         if name.startswith("optimizer."):
@@ -133,6 +142,10 @@ def load_state(run_dir: Path, expected_fingerprint: str, model: torch.nn.Module,
     if cuda:
         torch.cuda.set_rng_state_all(cuda)
     return state
+
+
+def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {name[len(prefix):]: value for name, value in tensors.items() if name.startswith(prefix)}
 
 
 def clear_state(run_dir: Path) -> None:

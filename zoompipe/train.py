@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.utils import ModelEmaV3
 from torch.utils.data import WeightedRandomSampler
 from tqdm import tqdm
 
@@ -38,6 +39,7 @@ from zoompipe.resume import Best, TrainingState, clear_state, fingerprint, load_
 from zoompipe.run_config import WEIGHTS_NAME
 from zoompipe.train_defaults import (
     DEFAULT_CHILDREN_PER_PARENT,
+    DEFAULT_EMA_EPOCHS,
     DEFAULT_K,
     DEFAULT_LEVEL_DROPOUT,
     DEFAULT_LR_PATIENCE,
@@ -98,6 +100,7 @@ def train_one_epoch(
     max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM,
     teacher_only: bool = False,
     prefetch: Callable[[Sequence[int], int], None] | None = None,
+    average: ModelEmaV3 | None = None,
 ) -> float:
     """One pass over ``slides`` in ``order``, one slide per optimiser step.
 
@@ -116,6 +119,8 @@ def train_one_epoch(
         Called as ``prefetch(order, i)`` before the step on ``order[i]``
         (:class:`~zoompipe.prefetch.Prefetcher`: sparse training embeds the next slides'
         children then).
+    average : timm.utils.ModelEmaV3, optional
+        Moving average of the weights, updated after every step.
 
     Returns
     -------
@@ -141,6 +146,8 @@ def train_one_epoch(
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
+        if average is not None:
+            average.update(model)
         total, count = total + loss.item(), count + 1
         if progress is not None:
             progress.update()
@@ -170,6 +177,7 @@ def train_model(
     teacher_instance_weight: float = DEFAULT_TEACHER_INSTANCE_WEIGHT,
     max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM,
     warmup: float = DEFAULT_WARMUP,
+    ema_epochs: float = DEFAULT_EMA_EPOCHS,
     epochs: int = 100,
     lr: float = 1e-4,
     lr_patience: int = DEFAULT_LR_PATIENCE,
@@ -246,6 +254,10 @@ def train_model(
         zoomed bags joins after it. Other models, ZoomMIL without a zoom target (weight 0, or
         a single magnification) and ZoomMIL with a trained ``teacher`` have no warm-up;
         ``train_summary.json`` records the epochs applied (``warmup_epochs``).
+    ema_epochs : float
+        Validate, and keep as the checkpoint, an exponential moving average of the weights over
+        about this many epochs (timm's ``ModelEmaV3``, decay ``1 - 1 / (ema_epochs x training
+        slides)`` per step) rather than the weights of the epoch's last step; 0: no average.
     epochs : int
         Maximum number of epochs.
     lr, weight_decay : float
@@ -309,6 +321,8 @@ def train_model(
     """
     if epochs < 1:
         raise UsageError(f"need at least one epoch, got {epochs}")
+    if ema_epochs < 0:
+        raise UsageError(f"the weight average spans a number of epochs >= 0, got {ema_epochs}")
     if not 0 <= warmup < 1:
         raise UsageError(f"the warm-up is a fraction of the epochs in [0, 1), got {warmup}")
     if attention_target_weight is None:
@@ -394,6 +408,9 @@ def train_model(
     # The warm-up waits for the model's own teacher to find the evidence; a trained one has.
     warmup_epochs = int(warmup * epochs) if getattr(model, "trains_zoom_target", False) and teacher is None else 0
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    average = (ModelEmaV3(model, decay=max(0.0, 1 - 1 / (ema_epochs * len(ids["train"])))) if ema_epochs > 0
+               else None)
+    validated = model if average is None else average.module
     scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.8, patience=lr_patience)
                  if lr_patience else None)
     sampler = balanced_sampler(train_set.labels, seed)
@@ -402,14 +419,14 @@ def train_model(
     # What the steps depend on; the device is left out, so a run stopped on one may go on on another.
     steps = fingerprint({"architecture": architecture, "magnifications": mags, "in_dim": in_dim,
                          "classes": class_names, "splits": splits, **hyper, "sigma_end": sigma_end,
-                         "max_grad_norm": max_grad_norm, "warmup_epochs": warmup_epochs,
+                         "max_grad_norm": max_grad_norm, "warmup_epochs": warmup_epochs, "ema_epochs": ema_epochs,
                          "epochs": epochs, "lr": lr, "lr_patience": lr_patience,
                          "weight_decay": weight_decay, "seed": seed,
                          "teacher": None if teacher is None else {"weights": teacher_digest, "target": teacher_target},
                          "sparse": None if sparse is None else {
                              name: value for name, value in dataclasses.asdict(sparse).items()
                              if name not in ("runtime", "batch_size", "workers", "lookahead", "cluster", "backend")}})
-    state = load_state(out_dir, steps, model, optimizer, sampler.generator) if resume else None
+    state = load_state(out_dir, steps, model, optimizer, sampler.generator, average) if resume else None
     best: Best | None = None if state is None else state.best
     per_epoch: list[dict[str, Any]] = [] if state is None else state.per_epoch
     done = 0 if state is None else state.epoch
@@ -439,8 +456,9 @@ def train_model(
             if select is not None:
                 select.sigma = sigma_schedule(epoch, epochs, sigma, sigma_end)
             train_loss = train_one_epoch(model, train_set, list(sampler), optimizer, device, bar,
-                                         max_grad_norm, teacher_only=epoch <= warmup_epochs, prefetch=prefetch)
-            logits = predict_logits(model, val_set, device)
+                                         max_grad_norm, teacher_only=epoch <= warmup_epochs, prefetch=prefetch,
+                                         average=average)
+            logits = predict_logits(validated, val_set, device)
             val_loss = float(F.cross_entropy(logits, val_targets))
             metrics = classification_metrics(val_targets.numpy(), logits.softmax(dim=1).numpy())
             lr_now = optimizer.param_groups[0]["lr"]
@@ -458,13 +476,13 @@ def train_model(
             stop = False
             if best is None or best.beaten_by(metrics["weighted_f1"], val_loss):
                 best = Best(epoch, metrics["weighted_f1"], val_loss, metrics["accuracy"])
-                save_run(out_dir, model, architecture, class_names, pipeline)
+                save_run(out_dir, validated, architecture, class_names, pipeline)
             else:
                 stop = patience is not None and epoch - best.epoch >= patience
             schedule = {} if scheduler is None else scheduler.state_dict()
             save_state(out_dir, TrainingState(epoch, steps, best, schedule, optimizer.state_dict()["param_groups"],
                                               per_epoch),
-                       model, optimizer, sampler.generator)
+                       model, optimizer, sampler.generator, average)
             if stop:
                 break
 
@@ -483,7 +501,7 @@ def train_model(
         "magnifications": mags,
         "model": dataclasses.asdict(model.config),
         "training": {"sigma_end": sigma_end, "max_grad_norm": max_grad_norm, "warmup": warmup,
-                     "warmup_epochs": warmup_epochs, "lr": lr, "lr_patience": lr_patience,
+                     "warmup_epochs": warmup_epochs, "ema_epochs": ema_epochs, "lr": lr, "lr_patience": lr_patience,
                      "weight_decay": weight_decay, "epochs": epochs, "seed": seed,
                      "split_seed": split_seed},
     }

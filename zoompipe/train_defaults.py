@@ -16,6 +16,10 @@ DEFAULT_K = 0.125
 #: 0.72 / 0.50 / 1.00 / 1.00 / 1.00).
 DEFAULT_LR_PATIENCE = 0
 
+#: Epochs over which training averages the weights it validates and keeps (``train_model``'s
+#: ``ema_epochs``); 0: the weights of each epoch's last step, as before the average was built.
+DEFAULT_EMA_EPOCHS = 0.0
+
 #: Clipping of the global gradient norm of a training step.
 DEFAULT_MAX_GRAD_NORM = 5.0
 
