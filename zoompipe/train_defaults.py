@@ -17,7 +17,10 @@ DEFAULT_K = 0.125
 DEFAULT_LR_PATIENCE = 0
 
 #: Epochs over which training averages the weights it validates and keeps (``train_model``'s
-#: ``ema_epochs``); 0: the weights of each epoch's last step, as before the average was built.
+#: ``ema_epochs``); 0: the weights of each epoch's last step. A rule written before its runs
+#: (taught ZoomMIL, 5 folds, seed 0, scored on the 40 decision slides) rejected 4 epochs: weighted F1
+#: 83.3 against 88.2, though 4 runs against 3 met both localisation targets (README, "A moving
+#: average of the weights").
 DEFAULT_EMA_EPOCHS = 0.0
 
 #: Clipping of the global gradient norm of a training step.
