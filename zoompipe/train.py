@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.utils import ModelEmaV3
 from torch.utils.data import WeightedRandomSampler
 from tqdm import tqdm
 
@@ -55,6 +54,8 @@ from zoompipe.train_defaults import (
 )
 
 if TYPE_CHECKING:
+    from timm.utils import ModelEmaV3
+
     from zoompipe.sparse import SparseDataset, SparseSettings
 
 LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "val_acc", "val_f1", "lr", "sigma")
@@ -408,8 +409,11 @@ def train_model(
     # The warm-up waits for the model's own teacher to find the evidence; a trained one has.
     warmup_epochs = int(warmup * epochs) if getattr(model, "trains_zoom_target", False) and teacher is None else 0
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    average = (ModelEmaV3(model, decay=max(0.0, 1 - 1 / (ema_epochs * len(ids["train"])))) if ema_epochs > 0
-               else None)
+    average = None
+    if ema_epochs > 0:
+        from timm.utils import ModelEmaV3  # timm takes seconds to import; only this option needs it
+
+        average = ModelEmaV3(model, decay=max(0.0, 1 - 1 / (ema_epochs * len(ids["train"]))))
     validated = model if average is None else average.module
     scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.8, patience=lr_patience)
                  if lr_patience else None)
