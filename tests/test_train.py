@@ -366,12 +366,16 @@ def test_zoommil_follows_a_trained_abmil_run_or_refuses_it_in_one_line(features,
     result = CliRunner().invoke(cli, ["train", "--features", str(features_dir), "--labels", str(labels), "--out",
                                       str(tmp_path / "cli"), "--teacher", str(zoommil)])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
-    result = CliRunner().invoke(cli, ["train", "--features", str(features_dir), "--labels", str(labels), "--out",
-                                      str(tmp_path / "attention"), "--teacher", str(abmil), "--teacher-target",
-                                      "attention", "--k", "2", "--hidden", "16", "--attn-hidden", "8", "--epochs", "1"])
-    assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "attention" / "train_summary.json").read_text())["teacher"]["target"] == "attention"
-    assert load_run(tmp_path / "attention").model.config.attention_target_weight == 1.0
+    for target in ("attention", "evidence", "own-evidence"):
+        result = CliRunner().invoke(cli, ["train", "--features", str(features_dir), "--labels", str(labels), "--out",
+                                          str(tmp_path / target), "--teacher", str(abmil), "--teacher-target", target,
+                                          "--k", "2", "--hidden", "16", "--attn-hidden", "8", "--epochs", "1"])
+        assert result.exit_code == 0, result.output
+        assert json.loads((tmp_path / target / "train_summary.json").read_text())["teacher"]["target"] == target
+        assert load_run(tmp_path / target).model.config.attention_target_weight == 1.0
+    # The same seed and teacher: only where the zoom heads were sent differs.
+    zoom_heads = [load_run(tmp_path / target).model.levels[0].zoom.score.weight for target in ("evidence", "own-evidence")]
+    assert not torch.equal(*zoom_heads)
 
 
 @pytest.mark.parametrize("lr_patience, ema_epochs", [(5, 0), (0, 0), (0, 2)])

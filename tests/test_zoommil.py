@@ -391,7 +391,8 @@ def test_the_teachers_evidence_marks_the_lesions_of_every_class_where_its_attent
         assert not evidence.requires_grad
         torch.testing.assert_close(teacher_target(teacher, "evidence")(bag), evidence)
         torch.testing.assert_close(teacher_target(teacher, "attention")(bag), attention)
-    with pytest.raises(ValueError, match="attention, evidence"):
+    torch.testing.assert_close(teacher_target(teacher, "own-evidence")(bag), evidence)  # what the pull follows
+    with pytest.raises(ValueError, match="attention, evidence, own-evidence"):
         teacher_target(teacher, "gradients")
 
 
@@ -413,6 +414,41 @@ def test_the_last_attention_can_be_pulled_towards_the_teachers_target() -> None:
     assert last.attention.score.weight.grad.abs().sum() > 0 and last.zoom is None
     with pytest.raises(ValueError, match="attention_target_weight"):
         _model(attention_target_weight=-1.0)
+
+
+def test_the_zoom_heads_can_follow_the_models_own_evidence_while_the_pull_follows_the_teachers() -> None:
+    bags, children, label = make_slides(1, seed=6)[0]
+    torch.manual_seed(1)
+    teacher = ABMIL(ABMILConfig(in_dim=DIM, n_classes=2, magnifications=[10.0], hidden=64, attn_hidden=32)).eval()
+    model = _model(dropout=0.0, attention_target_weight=0.5).train()
+    start_from_teacher(model, teacher)
+    model.teacher = teacher_target(teacher, "own-evidence")
+    last = model.levels[2]
+    with torch.no_grad():  # the last level moves on in training, away from the teacher
+        last.project[0].weight.add_(0.5 * torch.randn_like(last.project[0].weight))
+        model.classifier.weight.add_(torch.randn_like(model.classifier.weight))
+    taught = model.zoom_target_loss(bags, children, label)
+    model.follows_own_evidence = True
+    own = model.zoom_target_loss(bags, children, label)
+
+    # Written out: each patch's KL divergence of the model's own posterior from its mean patch's.
+    z = last.project(bags[2]).detach()
+    patch = torch.softmax(model.classifier(z), dim=1).detach()
+    mean = torch.softmax(model.classifier(z.mean(0)), dim=0).detach()
+    divergence = (patch * (patch.log() - mean.log())).sum(dim=1)
+    mine, theirs = divergence / divergence.sum(), teacher_evidence(teacher)(bags[2])
+    assert not torch.allclose(mine, theirs, atol=1e-3)
+    torch.testing.assert_close(own - taught, _zoom_heads_kl(model, bags, children, mine)
+                               - _zoom_heads_kl(model, bags, children, theirs))
+    # The pull stays the teacher's: with it off the difference is the zoom heads' alone.
+    model.config.attention_target_weight = 0.0
+    with_pull_off = model.zoom_target_loss(bags, children, label)
+    attention = masked_softmax(last.attention(last.project(bags[2])))
+    pull = (torch.special.xlogy(theirs, theirs) - theirs * attention.log()).sum()
+    torch.testing.assert_close(own - with_pull_off, 0.5 * pull)
+    own.backward()
+    assert last.project[0].weight.grad is not None and all(p.grad is None for p in teacher.parameters())
+    assert "follows_own_evidence" not in str(list(model.state_dict()))
 
 
 def test_the_teachers_instance_loss_pseudo_labels_its_dense_last_bag() -> None:

@@ -294,7 +294,9 @@ def train_model(
         What of ``teacher`` the zoom heads follow: ``"attention"``, or ``"evidence"``, each
         patch's class evidence against the bag's mean patch, which marks the evidence of every
         class also where the teacher's attention decides a class by what is missing
-        (:func:`zoompipe.model.teacher.teacher_evidence`).
+        (:func:`zoompipe.model.teacher.teacher_evidence`), or ``"own-evidence"``, that evidence
+        computed by the model's own last level, which starts from the teacher's weights and goes
+        on learning on the dense bag (the attention pull then follows the teacher's evidence).
     attention_target_weight : float, optional
         ZoomMIL with ``teacher``: weight of the pull of the last magnification's attention
         towards the teacher's target (``ZoomMILConfig.attention_target_weight``), so that the
@@ -531,6 +533,7 @@ def _follow_teacher(model: torch.nn.Module, teacher: str | os.PathLike, target: 
     trained = load_teacher(teacher, model, class_names, pipeline, device)
     start_from_teacher(model, trained)
     model.teacher = teacher_target(trained, target)
+    model.follows_own_evidence = target == "own-evidence"
     return file_sha256(Path(teacher) / WEIGHTS_NAME)
 
 

@@ -18,6 +18,7 @@ from zoompipe.contract import PipelineContract, contract_difference
 from zoompipe.errors import ContractError, UsageError
 from zoompipe.model.abmil import ABMIL
 from zoompipe.model.checkpoint import load_run
+from zoompipe.model.evidence import class_evidence
 from zoompipe.model.zoommil import ZoomMIL
 from zoompipe.train_defaults import TEACHER_TARGETS
 
@@ -72,35 +73,27 @@ def teacher_attention(teacher: ABMIL) -> TeacherMass:
 
 
 def teacher_evidence(teacher: ABMIL) -> TeacherMass:
-    """Where the frozen teacher's evidence lies on a dense bag, whatever the slide's class.
+    """Where the frozen teacher's evidence lies on a dense bag, whatever the slide's class
+    (:func:`~zoompipe.model.evidence.class_evidence` of its projected patches).
 
-    Attention MIL trained on slide labels may decide a class by what is missing: on the zoom
-    benchmark's cohort, ABMIL 10x put 96% of its attention inside the lesions of normal slides,
-    60% in atypical ones and 2% in malignant ones (where lesions hold 1.6% of the patches), so
-    zoom heads that follow its attention learn to find the lesions of some classes only
-    (``benchmarks/lesion_attention.py``). Each patch's mass here is instead the KL divergence
-    of the teacher's class posterior for that patch alone (its classifier on the projected
-    patch) from its posterior for the bag's mean projected patch: large where a patch speaks
-    for a class differently from the slide's typical patch, which is the lesions in every class.
+    On the zoom benchmark's cohort, ABMIL 10x put 96% of its attention inside the lesions of
+    normal slides, 60% in atypical ones and 2% in malignant ones (where lesions hold 1.6% of the
+    patches), so zoom heads that follow its attention learn to find the lesions of some classes
+    only (``benchmarks/lesion_attention.py``); its evidence marks the lesions in every class.
     """
 
     @torch.no_grad()
     def evidence(bag: Tensor) -> Tensor:
-        z = teacher.project(bag)
-        log_patch = torch.log_softmax(teacher.classifier(z), dim=1)
-        log_bag = torch.log_softmax(teacher.classifier(z.mean(dim=0)), dim=0)
-        # A KL divergence is >= 0, but a patch whose posterior is the bag's can come out a
-        # rounding error below it (it did with torch 2.11 on a GPU machine's CPU), and a
-        # negative mass makes every KL term against it NaN.
-        divergence = (log_patch.exp() * (log_patch - log_bag)).sum(dim=1).clamp_min(0)
-        return divergence / divergence.sum().clamp_min(1e-12)
+        return class_evidence(teacher.project(bag), teacher.classifier)
 
     return evidence
 
 
 def teacher_target(teacher: ABMIL, target: str) -> TeacherMass:
-    """The frozen teacher's mass over a dense bag that the zoom heads follow: ``"attention"``
-    (:func:`teacher_attention`) or ``"evidence"`` (:func:`teacher_evidence`)."""
+    """The frozen teacher's mass over a dense bag: ``"attention"`` (:func:`teacher_attention`), or
+    its evidence (:func:`teacher_evidence`) for ``"evidence"`` and ``"own-evidence"`` (where the
+    zoom heads follow the model's own last level instead, :attr:`ZoomMIL.follows_own_evidence`,
+    and the teacher's evidence is what the last attention is pulled towards)."""
     if target not in TEACHER_TARGETS:
         raise ValueError(f"teacher target must be one of {', '.join(TEACHER_TARGETS)}, got {target!r}")
     return teacher_attention(teacher) if target == "attention" else teacher_evidence(teacher)

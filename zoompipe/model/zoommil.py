@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoompipe.model.attention import GatedAttention, masked_softmax
+from zoompipe.model.evidence import class_evidence
 from zoompipe.model.instance import instance_classifiers, instance_loss
 from zoompipe.model.output import ModelOutput as ZoomOutput
 from zoompipe.model.registry import register_model
@@ -283,6 +284,10 @@ class ZoomMIL(nn.Module):
         #: the zoom heads follow, from a trained single-magnification run
         #: (:mod:`zoompipe.model.teacher`); None: the model's own last head's.
         self.teacher: Callable[[Tensor], Tensor] | None = None
+        #: Training only: the zoom heads follow the class evidence of this model's own last level
+        #: over the dense bag (:func:`~zoompipe.model.evidence.class_evidence`) rather than the
+        #: teacher's mass, which then only pulls the last attention.
+        self.follows_own_evidence = False
 
     @property
     def trains_zoom_target(self) -> bool:
@@ -507,7 +512,9 @@ class ZoomMIL(nn.Module):
         finds only by chance when the evidence occupies a few patches. With :attr:`teacher`
         set, the target is that trained model's mass (its attention or its evidence) instead of
         the last head's; the cross-entropy still trains the last head on the dense bag, and with
-        ``attention_target_weight`` > 0 its attention is pulled towards that mass too.
+        ``attention_target_weight`` > 0 its attention is pulled towards that mass too. With
+        :attr:`follows_own_evidence` the zoom heads follow the class evidence of the last level
+        itself, which starts as the teacher's and goes on learning on the dense bag.
 
         Parameters
         ----------
@@ -551,6 +558,8 @@ class ZoomMIL(nn.Module):
         if self.teacher is not None and self.config.attention_target_weight > 0:
             loss = loss + self.config.attention_target_weight * F.kl_div(
                 torch.log_softmax(teacher_scores, dim=0), mass, reduction="sum")
+        if self.follows_own_evidence:
+            mass = class_evidence(z, self.classifier)
         for step in reversed(range(len(self.levels) - 1)):
             index = children[step]
             valid = index >= 0
