@@ -357,7 +357,9 @@ def test_zoommil_follows_a_trained_abmil_run_or_refuses_it_in_one_line(features,
             ("another magnification", at_25, {}, r"magnifications \[10.0\]"),
             ("no zoom target", abmil, {"zoom_target_weight": 0.0}, "no zoom target"),
             ("a baseline", abmil, {"architecture": "abmil"}, "no zoom target"),
-            ("an attention target without a teacher", None, {"attention_target_weight": 0.5}, "give --teacher")):
+            ("an attention target without a teacher", None, {"attention_target_weight": 0.5}, "give --teacher"),
+            ("own evidence for a baseline", None, {"architecture": "abmil", "teacher_target": "own-evidence"},
+             "no zoom target")):
         with pytest.raises(UsageError, match=message) as info:
             train_model(features_dir, labels, tmp_path / case, k=2, epochs=1, teacher=teacher_run,
                         **{**widths, **settings})
@@ -376,6 +378,12 @@ def test_zoommil_follows_a_trained_abmil_run_or_refuses_it_in_one_line(features,
     # The same seed and teacher: only where the zoom heads were sent differs.
     zoom_heads = [load_run(tmp_path / target).model.levels[0].zoom.score.weight for target in ("evidence", "own-evidence")]
     assert not torch.equal(*zoom_heads)
+    # Without a teacher the zoom heads follow the model's own last head: its attention, or its evidence.
+    own = train_model(features_dir, labels, tmp_path / "own-untaught", k=2, epochs=1, teacher_target="own-evidence",
+                      **widths)
+    assert own["training"]["own_evidence"] and not untaught["training"]["own_evidence"] and "teacher" not in own
+    assert not torch.equal(load_run(tmp_path / "own-untaught").model.levels[0].zoom.score.weight,
+                           load_run(tmp_path / "untaught").model.levels[0].zoom.score.weight)
 
 
 @pytest.mark.parametrize("lr_patience, ema_epochs", [(5, 0), (0, 0), (0, 2)])

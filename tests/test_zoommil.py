@@ -507,8 +507,9 @@ def _accuracy(model: ZoomMIL, slides) -> float:
     return float((predict_logits(model, slides, "cpu").argmax(dim=1) == labels).float().mean())
 
 
-def _train(mags: list[float], train, epochs: int, wrap=None, **settings) -> ZoomMIL:
-    """Train on ``train``; ``wrap(bags, children)`` replaces each slide's bags (e.g. a row source)."""
+def _train(mags: list[float], train, epochs: int, wrap=None, warmup: int = 0, **settings) -> ZoomMIL:
+    """Train on ``train``; ``wrap(bags, children)`` replaces each slide's bags (e.g. a row source);
+    the first ``warmup`` epochs train the zoom target alone (``train_model``'s warm-up)."""
     n = len(mags)
     model = _model(mags, sigma=0.1, **settings)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -519,9 +520,9 @@ def _train(mags: list[float], train, epochs: int, wrap=None, **settings) -> Zoom
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # ops this small only pay threading overhead
     try:
-        for _ in range(epochs):
+        for epoch in range(epochs):
             train_one_epoch(model, [(wrap(b, c) if wrap else b[:n], c[: n - 1], y) for b, c, y in train],
-                            list(sampler), optimizer, "cpu")
+                            list(sampler), optimizer, "cpu", teacher_only=epoch < warmup)
             schedule.step()
     finally:
         torch.set_num_threads(threads)

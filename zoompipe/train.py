@@ -297,6 +297,8 @@ def train_model(
         (:func:`zoompipe.model.teacher.teacher_evidence`), or ``"own-evidence"``, that evidence
         computed by the model's own last level, which starts from the teacher's weights and goes
         on learning on the dense bag (the attention pull then follows the teacher's evidence).
+        ``"own-evidence"`` also applies without a teacher, in place of the own last head's
+        attention (``ZoomMIL.follows_own_evidence``); the other two need one.
     attention_target_weight : float, optional
         ZoomMIL with ``teacher``: weight of the pull of the last magnification's attention
         towards the teacher's target (``ZoomMILConfig.attention_target_weight``), so that the
@@ -404,6 +406,13 @@ def train_model(
     fields = config_fields(architecture)
     model = create_model(architecture, in_dim=in_dim, n_classes=len(class_names), magnifications=mags,
                          **{name: value for name, value in hyper.items() if name in fields}).to(device)
+    own_evidence = teacher_target == "own-evidence"
+    if own_evidence:
+        if not getattr(model, "trains_zoom_target", False):
+            raise UsageError("--teacher-target own-evidence sends ZoomMIL's zoom heads where its own last level's "
+                             "evidence is; this model has no zoom target (a baseline, one magnification, or "
+                             "--zoom-target-weight 0)")
+        model.follows_own_evidence = True
     teacher_digest = None
     if teacher is not None:
         teacher_digest = _follow_teacher(model, teacher, teacher_target, class_names, pipeline, sparse is not None,
@@ -427,7 +436,7 @@ def train_model(
                          "classes": class_names, "splits": splits, **hyper, "sigma_end": sigma_end,
                          "max_grad_norm": max_grad_norm, "warmup_epochs": warmup_epochs, "ema_epochs": ema_epochs,
                          "epochs": epochs, "lr": lr, "lr_patience": lr_patience,
-                         "weight_decay": weight_decay, "seed": seed,
+                         "weight_decay": weight_decay, "seed": seed, "own_evidence": own_evidence,
                          "teacher": None if teacher is None else {"weights": teacher_digest, "target": teacher_target},
                          "sparse": None if sparse is None else {
                              name: value for name, value in dataclasses.asdict(sparse).items()
@@ -509,7 +518,7 @@ def train_model(
         "training": {"sigma_end": sigma_end, "max_grad_norm": max_grad_norm, "warmup": warmup,
                      "warmup_epochs": warmup_epochs, "ema_epochs": ema_epochs, "lr": lr, "lr_patience": lr_patience,
                      "weight_decay": weight_decay, "epochs": epochs, "seed": seed,
-                     "split_seed": split_seed},
+                     "split_seed": split_seed, "own_evidence": own_evidence},
     }
     if teacher is not None:
         summary["teacher"] = {"run": str(teacher), "weights_sha256": teacher_digest, "target": teacher_target}
@@ -533,7 +542,6 @@ def _follow_teacher(model: torch.nn.Module, teacher: str | os.PathLike, target: 
     trained = load_teacher(teacher, model, class_names, pipeline, device)
     start_from_teacher(model, trained)
     model.teacher = teacher_target(trained, target)
-    model.follows_own_evidence = target == "own-evidence"
     return file_sha256(Path(teacher) / WEIGHTS_NAME)
 
 
