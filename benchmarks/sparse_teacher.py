@@ -11,7 +11,7 @@ folder) standing in for the slides:
    of its cover: what a budgeted sparse run embeds;
 2. per fold, ABMIL at the last magnification trained on those files (train and validation
    slides): the teacher;
-3. ZoomMIL taught by it (``--teacher``, the evidence target), the training slides' files cut to
+3. ZoomMIL taught by it (``--teacher``, ``--teacher-target``), the training slides' files cut to
    the cover, the validation slides' dense (validation's hard top-K zooms anywhere, and sparse
    training embeds what it picks);
 4. both scored on the dense test files: weighted F1, lesions reached, attention inside lesions
@@ -51,7 +51,7 @@ from zoompipe.model.topk import selectable_count, topk_indices
 from zoompipe.model.zoommil import patches_to_zoom
 from zoompipe.sparse import FeatureCache, explore_cover
 from zoompipe.train import train_model
-from zoompipe.train_defaults import DEFAULT_TAUGHT_ATTENTION_TARGET_WEIGHT
+from zoompipe.train_defaults import DEFAULT_TAUGHT_ATTENTION_TARGET_WEIGHT, DEFAULT_TEACHER_TARGET, TEACHER_TARGETS
 
 
 def _empty_cache(dense: Path, out: Path) -> tuple[FeatureFile, FeatureCache]:
@@ -147,6 +147,8 @@ def main() -> None:
     parser.add_argument("--attn-hidden", type=int, default=64)
     parser.add_argument("--teacher-weight-decay", type=float, default=0.0,
                         help="the teacher's Adam weight decay (its bags are small enough to learn by heart)")
+    parser.add_argument("--teacher-target", choices=TEACHER_TARGETS, default=DEFAULT_TEACHER_TARGET,
+                        help="what ZoomMIL's zoom heads follow (zoompipe train --teacher-target)")
     parser.add_argument("--attention-target-weight", type=float, default=DEFAULT_TAUGHT_ATTENTION_TARGET_WEIGHT,
                         help="pull of ZoomMIL's last attention towards the teacher's target "
                              "(zoompipe train --attention-target-weight)")
@@ -187,7 +189,8 @@ def main() -> None:
                 train_model(linked_features(args.out / "features" / f"zoommil_fold{fold}", splits, sparse, dense,
                                             zoom_cut),
                             labels_csv, zoom, splits_csv=splits_csv, magnifications=[1.25, 2.5, 10.0], k=args.k,
-                            teacher=teacher, attention_target_weight=args.attention_target_weight, seed=seed,
+                            teacher=teacher, teacher_target=args.teacher_target,
+                            attention_target_weight=args.attention_target_weight, seed=seed,
                             **common)
             entry = {"fold": fold, "seed": seed, "patches_embedded": kept, "dense_patches": total,
                      "teacher": score(teacher, args.bench, labels), "zoommil": score(zoom, args.bench, labels)}

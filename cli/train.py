@@ -81,13 +81,14 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
                    "its target over each slide's dense last-magnification bag (--teacher-target), and its weights "
                    "start the last level and the classifier; no warm-up. Dense features only. [default: the model's "
                    "own last head teaches]")
-@click.option("--teacher-target", type=click.Choice(TEACHER_TARGETS), default=DEFAULT_TEACHER_TARGET, show_default=True,
+@click.option("--teacher-target", type=click.Choice(TEACHER_TARGETS), default=None,
               help="What the zoom heads follow. attention: the teacher's attention; evidence: each patch's class "
                    "evidence against the bag's mean patch, which marks the evidence of every class even where the "
                    "teacher's attention decides a class by what is missing; own-evidence: that evidence from the "
                    "model's own last level, which starts from the teacher's weights and goes on learning on the "
                    "dense bag (the attention pull follows the teacher's evidence). Without --teacher the zoom heads "
-                   "follow the model's own last head: its attention, or with own-evidence its evidence.")
+                   "follow the model's own last head: its attention, or with own-evidence its evidence. "
+                   f"[default: {DEFAULT_TEACHER_TARGET} with --teacher, the attention without]")
 @click.option("--attention-target-weight", type=click.FloatRange(min=0), default=None,
               help="With --teacher: weight of a pull of the last magnification's attention towards the teacher's "
                    "target, so that the attention heatmaps show sits on the evidence of every class; 0: the slide "

@@ -20,10 +20,10 @@ $ZP train --features "$OUT/pre/features" --labels "$OUT/cohort/labels.csv" \
     --splits "$OUT/cohort/splits.csv" --out "$OUT/teacher" --epochs 40 \
     --architecture abmil --magnifications 10
 
-# 4. ZoomMIL, zooming into K = N/8 of each slide's base patches per step (the default), its zoom
-#    heads following the teacher's evidence, and its 10x attention pulled towards that evidence (the
-#    default with a teacher) so that the heatmaps show the lesions of every class (README, "The
-#    attention target").
+# 4. ZoomMIL, zooming into K = N/8 of each slide's base patches per step (the default), its last
+#    level and classifier started from the teacher, its zoom heads following that level's evidence,
+#    and its 10x attention pulled towards the teacher's evidence (the defaults with a teacher) so
+#    that the heatmaps show the lesions of every class (README, "What the zoom heads follow").
 $ZP train --features "$OUT/pre/features" --labels "$OUT/cohort/labels.csv" \
     --splits "$OUT/cohort/splits.csv" --out "$OUT/run" --epochs 40 --teacher "$OUT/teacher"
 

@@ -329,7 +329,7 @@ def test_zoommil_follows_a_trained_abmil_run_or_refuses_it_in_one_line(features,
     summary = train_model(features_dir, labels, tmp_path / "taught", k=2, epochs=2, lr=0.0, teacher=abmil, **widths)
     assert summary["training"]["warmup"] == 0.5 and summary["training"]["warmup_epochs"] == 0
     assert summary["teacher"] == {"run": str(abmil), "weights_sha256": "sha256:" + hashlib.sha256(
-        (abmil / "model.safetensors").read_bytes()).hexdigest(), "target": "evidence"}
+        (abmil / "model.safetensors").read_bytes()).hexdigest(), "target": "own-evidence"}
     taught, teacher = load_run(tmp_path / "taught").model, load_run(abmil).model
     for ours, theirs in ((taught.levels[-1].project, teacher.project), (taught.levels[-1].attention, teacher.attention),
                          (taught.classifier, teacher.classifier)):
@@ -359,7 +359,8 @@ def test_zoommil_follows_a_trained_abmil_run_or_refuses_it_in_one_line(features,
             ("a baseline", abmil, {"architecture": "abmil"}, "no zoom target"),
             ("an attention target without a teacher", None, {"attention_target_weight": 0.5}, "give --teacher"),
             ("own evidence for a baseline", None, {"architecture": "abmil", "teacher_target": "own-evidence"},
-             "no zoom target")):
+             "no zoom target"),
+            ("a teacher's target without a teacher", None, {"teacher_target": "evidence"}, "give --teacher")):
         with pytest.raises(UsageError, match=message) as info:
             train_model(features_dir, labels, tmp_path / case, k=2, epochs=1, teacher=teacher_run,
                         **{**widths, **settings})

@@ -191,7 +191,7 @@ def train_model(
     progress: bool = True,
     sparse: SparseSettings | None = None,
     teacher: str | os.PathLike | None = None,
-    teacher_target: str = DEFAULT_TEACHER_TARGET,
+    teacher_target: str | None = None,
     attention_target_weight: float | None = None,
     children_per_parent: int = DEFAULT_CHILDREN_PER_PARENT,
     resume: bool = False,
@@ -290,7 +290,7 @@ def train_model(
         dense last-magnification bag (``teacher_target``) is the zoom heads' target, in place of
         the model's own last head's, and its weights start the last level and the classifier;
         there is no warm-up. Needs dense features.
-    teacher_target : str
+    teacher_target : str, optional
         What of ``teacher`` the zoom heads follow: ``"attention"``, or ``"evidence"``, each
         patch's class evidence against the bag's mean patch, which marks the evidence of every
         class also where the teacher's attention decides a class by what is missing
@@ -298,7 +298,8 @@ def train_model(
         computed by the model's own last level, which starts from the teacher's weights and goes
         on learning on the dense bag (the attention pull then follows the teacher's evidence).
         ``"own-evidence"`` also applies without a teacher, in place of the own last head's
-        attention (``ZoomMIL.follows_own_evidence``); the other two need one.
+        attention (``ZoomMIL.follows_own_evidence``); the other two need one. Default:
+        ``DEFAULT_TEACHER_TARGET`` with a teacher; without one, the own last head's attention.
     attention_target_weight : float, optional
         ZoomMIL with ``teacher``: weight of the pull of the last magnification's attention
         towards the teacher's target (``ZoomMILConfig.attention_target_weight``), so that the
@@ -330,6 +331,11 @@ def train_model(
         raise UsageError(f"the weight average spans a number of epochs >= 0, got {ema_epochs}")
     if not 0 <= warmup < 1:
         raise UsageError(f"the warm-up is a fraction of the epochs in [0, 1), got {warmup}")
+    if teacher_target is None:
+        teacher_target = DEFAULT_TEACHER_TARGET if teacher is not None else None
+    elif teacher is None and teacher_target != "own-evidence":
+        raise UsageError(f"--teacher-target {teacher_target} is the teacher's; give --teacher (without one the zoom "
+                         "heads follow the model's own last head: its attention, or own-evidence)")
     if attention_target_weight is None:
         attention_target_weight = 0.0 if teacher is None else DEFAULT_TAUGHT_ATTENTION_TARGET_WEIGHT
     if attention_target_weight > 0 and teacher is None:
