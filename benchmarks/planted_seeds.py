@@ -29,8 +29,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import test_zoommil as planted  # noqa: E402  (the test's cohort, training loop and measures)
 
-_make_model = planted._model
-
 
 def train_one(seed: int, target: str, warmup: float) -> dict:
     """Train the test's model with ``seed``, zoom target ``target`` and ``warmup`` (a fraction of its 12 epochs
@@ -39,15 +37,9 @@ def train_one(seed: int, target: str, warmup: float) -> dict:
     train = planted.make_slides(200, seed=10, **planted.PLANTED)
     regions: list = []
     test = planted.make_slides(100, seed=11, regions=regions, **planted.PLANTED)
-
-    def model_with_target(*args, **kwargs):
-        model = _make_model(*args, **kwargs)
-        model.follows_own_evidence = target == "own-evidence"
-        return model
-
-    planted._model = model_with_target
     start = time.perf_counter()
-    model = planted._train(planted.MAGS, train, epochs=12, k=0.1, seed=seed, warmup=int(warmup * 12)).eval()
+    model = planted._train(planted.MAGS, train, epochs=12, k=0.1, seed=seed, warmup=int(warmup * 12),
+                           own_evidence=target == "own-evidence").eval()
     accuracy, shares = planted._accuracy(model, test), planted.regions_reached(model, test, regions)
     return {"seed": seed, "target": target, "warmup": warmup, "accuracy": accuracy, "regions_1.25x": shares[0],
             "regions_2.5x": shares[1], "passes_test_bars": accuracy >= 0.95 and min(shares) >= 0.95,

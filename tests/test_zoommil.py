@@ -507,11 +507,14 @@ def _accuracy(model: ZoomMIL, slides) -> float:
     return float((predict_logits(model, slides, "cpu").argmax(dim=1) == labels).float().mean())
 
 
-def _train(mags: list[float], train, epochs: int, wrap=None, warmup: int = 0, **settings) -> ZoomMIL:
+def _train(mags: list[float], train, epochs: int, wrap=None, warmup: int = 0, own_evidence: bool = False,
+           **settings) -> ZoomMIL:
     """Train on ``train``; ``wrap(bags, children)`` replaces each slide's bags (e.g. a row source);
-    the first ``warmup`` epochs train the zoom target alone (``train_model``'s warm-up)."""
+    the first ``warmup`` epochs train the zoom target alone (``train_model``'s warm-up), and with
+    ``own_evidence`` the zoom heads follow the last head's class evidence, not its attention."""
     n = len(mags)
     model = _model(mags, sigma=0.1, **settings)
+    model.follows_own_evidence = own_evidence
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     # Annealing the learning rate settles the classifier once the zoom heads have found the
     # marked regions (a few epochs), instead of stopping at a random point of its noise.

@@ -554,12 +554,17 @@ class ZoomMIL(nn.Module):
             if self.config.teacher_instance_weight > 0:
                 loss = loss + self.config.teacher_instance_weight * instance_loss(
                     self.instance_classifiers, z, teacher_scores, int(label), self.config.k_sample)
-        mass = (attention if self.teacher is None else self.teacher(bags[-1])).detach()
-        if self.teacher is not None and self.config.attention_target_weight > 0:
+        pull = self.teacher is not None and self.config.attention_target_weight > 0
+        # The teacher reads the whole dense bag: only when the pull or the zoom heads use its mass.
+        needed = pull or (self.teacher is not None and not self.follows_own_evidence)
+        taught = self.teacher(bags[-1]).detach() if needed else None
+        if pull:
             loss = loss + self.config.attention_target_weight * F.kl_div(
-                torch.log_softmax(teacher_scores, dim=0), mass, reduction="sum")
+                torch.log_softmax(teacher_scores, dim=0), taught, reduction="sum")
         if self.follows_own_evidence:
             mass = class_evidence(z, self.classifier)
+        else:
+            mass = attention.detach() if taught is None else taught
         for step in reversed(range(len(self.levels) - 1)):
             index = children[step]
             valid = index >= 0
