@@ -15,6 +15,7 @@ from zoompipe.train_defaults import (
     DEFAULT_LR_PATIENCE,
     DEFAULT_MAX_GRAD_NORM,
     DEFAULT_SELECTION,
+    DEFAULT_SIGMA,
     DEFAULT_SIGMA_END,
     DEFAULT_TAUGHT_ATTENTION_TARGET_WEIGHT,
     DEFAULT_TEACHER_INSTANCE_WEIGHT,
@@ -55,7 +56,7 @@ def _check_k(ctx: click.Context, param: click.Parameter, value: float) -> float:
                    "slide's base bag (0.125 = N/8; capped at the bag, at least 1).")
 @click.option("--hidden", type=int, default=512, help="Width of the projected patch features.")
 @click.option("--attn-hidden", type=int, default=256, help="Hidden width of the gated-attention heads.")
-@click.option("--sigma", type=float, default=0.05,
+@click.option("--sigma", type=float, default=DEFAULT_SIGMA,
               help="Perturbed top-K noise on [0, 1]-scaled scores at the first epoch.")
 @click.option("--sigma-end", type=float, default=DEFAULT_SIGMA_END, help="The noise at the last epoch (linear decay).")
 @click.option("--zoom-target-weight", type=click.FloatRange(min=0), default=DEFAULT_ZOOM_TARGET_WEIGHT,

@@ -26,6 +26,14 @@ DEFAULT_EMA_EPOCHS = 0.0
 #: Clipping of the global gradient norm of a training step.
 DEFAULT_MAX_GRAD_NORM = 5.0
 
+#: Perturbed top-K noise at the first epoch, a fraction of each bag's [0, 1]-scaled score range
+#: (``train_model``'s ``sigma``). The planted test's training found its regions in 0-1 of 16 seeds
+#: at 0.05 and in 11-16 of 16 at 0.5, but a rule written before its runs kept 0.05 on the 40-slide
+#: benchmark (folds 0-4 x seeds 0-1, 40 decision slides): taught, weighted F1 93.0 against 84.7
+#: and 97.7% of the lesions reached against 81.2%; untaught, 93.6% against 88.6% (README, "A wider
+#: noise at the start").
+DEFAULT_SIGMA = 0.05
+
 #: Perturbed top-K noise at the last epoch (it decays linearly from ``sigma``).
 DEFAULT_SIGMA_END = 0.005
 

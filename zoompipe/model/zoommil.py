@@ -30,6 +30,7 @@ from zoompipe.model.registry import register_model
 from zoompipe.train_defaults import (
     DEFAULT_LEVEL_DROPOUT,
     DEFAULT_SELECTION,
+    DEFAULT_SIGMA,
     DEFAULT_ZOOM_TARGET_SUM,
     DEFAULT_ZOOM_TARGET_WEIGHT,
     SELECTIONS,
@@ -193,7 +194,7 @@ class ZoomMILConfig:
     attn_hidden: int = 256
     dropout: float = 0.25
     n_samples: int = 500
-    sigma: float = 0.05
+    sigma: float = DEFAULT_SIGMA
     zoom_target_weight: float = DEFAULT_ZOOM_TARGET_WEIGHT
     level_dropout: float = DEFAULT_LEVEL_DROPOUT
     zoom_target_sum: bool = DEFAULT_ZOOM_TARGET_SUM
