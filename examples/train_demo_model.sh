@@ -12,8 +12,9 @@ $ZP synth "$WORK/cohort" --n 24 --width 20480 --height 16384 --seed 1 --jobs 2
 $ZP preprocess "$WORK/cohort/slides" --out "$WORK/pre"
 # The teacher (ABMIL on the dense 10x bags), then ZoomMIL taught by it, as examples/walkthrough.sh
 # trains (the shipped model was trained when the zoom heads followed the teacher's evidence, the
-# default until --teacher-target own-evidence replaced it; add --teacher-target evidence to remake it). Narrow heads keep the shipped weights small (a few MB);
-# K = N/8 (the default), 2 of the 10-14 base patches of these slides.
+# default until --teacher-target own-evidence replaced it; add --teacher-target evidence to remake
+# it). Narrow heads keep the shipped weights small (a few MB); K = N/8 (the default), 2 of the
+# 10-14 base patches of these slides.
 $ZP train --features "$WORK/pre/features" --labels "$WORK/cohort/labels.csv" --splits "$WORK/cohort/splits.csv" \
     --out "$WORK/teacher" --architecture abmil --magnifications 10 --hidden 128 --attn-hidden 64 --epochs 60 --seed 0
 $ZP train --features "$WORK/pre/features" --labels "$WORK/cohort/labels.csv" --splits "$WORK/cohort/splits.csv" \
